@@ -1,0 +1,3 @@
+from chargpt.cli import main
+
+main()

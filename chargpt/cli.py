@@ -1,0 +1,172 @@
+"""The ``chargpt`` command: a click group whose subcommands live with their programs
+(``trainer.cli``, ``server.cli``, ``server.client_cli``) and load on first use."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import sys
+
+import click
+
+from chargpt.settings import InputError
+
+SUBCOMMANDS = {
+    "train": "trainer.cli:train",
+    "serve": "server.cli:serve",
+    "generate": "server.client_cli:generate",
+    "score": "server.client_cli:score",
+    "health": "server.client_cli:health",
+    "sample": "chargpt.cli:sample",
+    "info": "chargpt.cli:info",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a subcommand's module only when that subcommand runs (or --help lists it)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return None
+        module, attr = SUBCOMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="chargpt")
+def cli() -> None:
+    """A character-level GPT: train it, sample it offline, serve it over gRPC."""
+
+
+@click.command()
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A model.safetensors written by chargpt train.",
+)
+@click.option(
+    "--prompt",
+    default="",
+    show_default=True,
+    help="Text to continue. Empty starts from vocabulary entry 0 (a newline for "
+    "Tiny Shakespeare), as the seed does.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=0),
+    default=500,
+    show_default=True,
+    help="Characters to generate.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Softmax temperature; 0 = greedy.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Sample among the k most likely characters (0 = all).",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Sample from the smallest set with this much probability.",
+)
+@click.option("--seed", type=int, default=None, help="Random seed (default: random).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+def sample(
+    checkpoint: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    device: str,
+) -> None:
+    """Generate offline from a checkpoint; prints only the generated characters.
+
+    Uses the reference generation (crop to block_size, full forward per character), so
+    its output is what the server must reproduce.
+    """
+    import torch
+
+    from chargpt.checkpoint import CheckpointError, load_checkpoint
+    from chargpt.model import reference_generate
+    from chargpt.runtime import resolve_device
+    from chargpt.sampling import SamplingParams
+    from chargpt.tokenizer import UnknownCharactersError, prompt_ids
+
+    try:
+        loaded = load_checkpoint(checkpoint, resolve_device(device))
+        ids = prompt_ids(loaded.tokenizer, prompt)
+        params = SamplingParams(temperature, top_k, top_p)
+    except (CheckpointError, UnknownCharactersError, ValueError) as exc:
+        raise InputError(f"{exc}") from None
+    generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+    new = reference_generate(loaded.model, ids, max_new_tokens, params, generator)
+    click.echo(loaded.tokenizer.decode(new), nl=False)
+    if sys.stdout.isatty():
+        click.echo()
+
+
+@click.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def info(path: str, as_json: bool) -> None:
+    """Print what a checkpoint holds (and verify it)."""
+    from chargpt.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from None
+    meta = loaded.info
+    summary = {
+        "path": path,
+        "file_sha256": loaded.file_sha256,
+        "parameters": loaded.model.num_parameters(),
+        "architecture": meta.config.to_dict(),
+        "step": meta.step,
+        "train_loss": meta.train_loss,
+        "val_loss": meta.val_loss,
+        "vocab": "".join(meta.vocab),
+        "dataset_sha256": meta.dataset_sha256,
+        "run_name": meta.run_name,
+        "created": meta.created,
+        "training": meta.training,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    for key, value in summary.items():
+        if key == "vocab":
+            value = json.dumps(value, ensure_ascii=False)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:>15}: {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors (exit 2 for bad input), the command's exit code otherwise."""
+    try:
+        code = cli.main(args=argv, prog_name="chargpt", standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,128 @@
+"""The seed's model exactly as the lecture writes it: one module per attention head.
+
+It is the straightforward reference that the fused model in ``chargpt.model`` is tested
+and benchmarked against. ``fused_state_dict`` maps its weights onto ``chargpt.model.GPT``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chargpt.model import GPTConfig, _init_weights
+
+
+class Head(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.key = nn.Linear(config.n_embd, config.head_size, bias=False)
+        self.query = nn.Linear(config.n_embd, config.head_size, bias=False)
+        self.value = nn.Linear(config.n_embd, config.head_size, bias=False)
+        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        k = self.key(x)
+        q = self.query(x)
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
+        wei = self.dropout(F.softmax(wei, dim=-1))
+        return wei @ self.value(x)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(Head(config) for _ in range(config.n_head))
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([h(x) for h in self.heads], dim=-1)
+        return self.dropout(self.proj(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.sa = MultiHeadAttention(config)
+        self.ffwd = FeedForward(config)
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.sa(self.ln1(x))
+        return x + self.ffwd(self.ln2(x))
+
+
+class PerHeadGPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.apply(_init_weights)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        T = idx.shape[1]
+        tok_emb = self.token_embedding_table(idx)
+        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))
+        x = self.blocks(tok_emb + pos_emb)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def fused_state_dict(per_head: PerHeadGPT) -> dict[str, torch.Tensor]:
+    """The per-head model's weights in ``chargpt.model.GPT``'s layout."""
+    sd = per_head.state_dict()
+    out = {
+        "token_embedding.weight": sd["token_embedding_table.weight"],
+        "position_embedding.weight": sd["position_embedding_table.weight"],
+        "ln_f.weight": sd["ln_f.weight"],
+        "ln_f.bias": sd["ln_f.bias"],
+        "lm_head.weight": sd["lm_head.weight"],
+        "lm_head.bias": sd["lm_head.bias"],
+    }
+    for i, block in enumerate(per_head.blocks):
+        heads = block.sa.heads
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+            [
+                torch.cat([getattr(h, name).weight for h in heads])
+                for name in ("query", "key", "value")
+            ]
+        ).detach()
+        b = f"blocks.{i}."
+        for fused, seed in [
+            ("attn.proj", "sa.proj"),
+            ("ln1", "ln1"),
+            ("ln2", "ln2"),
+            ("ffwd.net.0", "ffwd.net.0"),
+            ("ffwd.net.2", "ffwd.net.2"),
+        ]:
+            out[f"{b}{fused}.weight"] = sd[f"{b}{seed}.weight"]
+            out[f"{b}{fused}.bias"] = sd[f"{b}{seed}.bias"]
+    return out

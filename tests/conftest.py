@@ -1,0 +1,74 @@
+"""Shared fixtures: small texts, tiny trained checkpoints, running the real CLI."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SHAKESPEARE = Path(
+    os.environ.get(
+        "CHARGPT_TINY_SHAKESPEARE", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+    )
+)
+# A model small enough to train in seconds on two CPU cores.
+TINY_MODEL = [
+    "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+    "--batch-size", "8", "--eval-batch-size", "32", "--sample-length", "0",
+]  # fmt: skip
+
+
+def make_text(n_chars: int = 20_000, seed: int = 0) -> str:
+    """Pseudo-English with some structure, so a tiny model can learn something."""
+    rng = random.Random(seed)
+    words = [
+        *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and"),
+        *("then", "sleeps", "while", "romeo", "sings", "to", "juliet", "under", "her"),
+        *("balcony", "at", "night"),
+    ]
+    lines = []
+    while sum(map(len, lines)) < n_chars:
+        name = rng.choice(["ROMEO", "JULIET", "NURSE"])
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 10)))
+        lines.append(f"{name}:\n{line.capitalize()}.\n\n")
+    return "".join(lines)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def small_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(make_text())
+    return path
+
+
+def run_chargpt(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``chargpt`` command line in a subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "chargpt", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, small_text_file: Path) -> Path:
+    """Run directory of a tiny model trained for 60 steps on the small text."""
+    out = tmp_path_factory.mktemp("run")
+    result = run_chargpt(
+        "train", "--data", str(small_text_file), "--out-dir", str(out),
+        "--max-iters", "60", "--eval-interval", "20", *TINY_MODEL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out

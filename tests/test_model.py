@@ -1,0 +1,90 @@
+import torch
+
+from chargpt.model import GPT, GPTConfig, reference_generate
+from chargpt.reference import PerHeadGPT, fused_state_dict
+from chargpt.sampling import SamplingParams
+
+CONFIG = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2)
+
+
+def test_seed_defaults_give_the_lectures_model_size() -> None:
+    config = GPTConfig(vocab_size=65)
+    model = GPT(config)
+    assert model.num_parameters() == sum(p.numel() for p in PerHeadGPT(config).parameters())
+    assert round(model.num_parameters() / 1e6, 2) == 0.41  # the seed's "0.41 M parameters"
+
+
+def test_logits_shape_and_loss() -> None:
+    model = GPT(CONFIG)
+    idx = torch.randint(11, (3, 8))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 8, 11)
+    assert loss is not None and loss.ndim == 0
+    # An untrained model is close to uniform: loss near ln(vocab).
+    assert abs(loss.item() - torch.log(torch.tensor(11.0)).item()) < 0.5
+
+
+def test_changing_a_future_character_never_changes_earlier_logits() -> None:
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    idx = torch.randint(11, (1, 8))
+    base, _ = model(idx)
+    for t in range(8):
+        changed = idx.clone()
+        changed[0, t] = (changed[0, t] + 1) % 11
+        logits, _ = model(changed)
+        torch.testing.assert_close(logits[0, :t], base[0, :t], rtol=0, atol=0)
+        assert not torch.allclose(logits[0, t:], base[0, t:])
+
+
+def test_fused_attention_equals_per_head_reference() -> None:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2)
+    reference = PerHeadGPT(config).eval()
+    # Random (not initial) weights everywhere, so every parameter matters.
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.3)
+    fused = GPT(config).eval()
+    fused.load_state_dict(fused_state_dict(reference))
+    idx = torch.randint(11, (4, 8))
+    expected, expected_loss = reference(idx, idx)
+    got, got_loss = fused(idx, idx)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_loss, expected_loss)
+    # Shorter sequences too (the per-head mask is sliced, SDPA is causal).
+    torch.testing.assert_close(fused(idx[:, :3])[0], reference(idx[:, :3])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sequences_longer_than_block_size_are_refused() -> None:
+    model = GPT(CONFIG)
+    try:
+        model(torch.zeros(1, 9, dtype=torch.long))
+    except ValueError as exc:
+        assert "block_size" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_reference_generate_crops_to_block_size() -> None:
+    torch.manual_seed(0)
+    model = GPT(CONFIG).eval()
+    prompt = [1, 2, 3]
+    new = reference_generate(model, prompt, 20, SamplingParams(temperature=0))
+    assert len(new) == 20
+    # Recompute every step by hand: the argmax of the last position of the last 8 tokens.
+    ids = list(prompt)
+    for _ in range(20):
+        logits, _ = model(torch.tensor([ids[-8:]]))
+        ids.append(int(logits[0, -1].argmax()))
+    assert new == ids[3:]
+
+
+def test_reference_generate_is_reproducible_with_a_seed() -> None:
+    model = GPT(CONFIG).eval()
+    params = SamplingParams(temperature=1.0)
+    a = reference_generate(model, [0], 30, params, torch.Generator().manual_seed(7))
+    b = reference_generate(model, [0], 30, params, torch.Generator().manual_seed(7))
+    c = reference_generate(model, [0], 30, params, torch.Generator().manual_seed(8))
+    assert a == b
+    assert a != c
