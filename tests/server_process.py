@@ -1,0 +1,101 @@
+"""Starting the real ``chargpt serve`` process for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.client import LanguageModelClient
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """``with ServerProcess(checkpoint, "--max-running", "4") as server: server.client...``"""
+
+    def __init__(self, checkpoint: Path, *args: str, wait_serving: bool = True) -> None:
+        self.checkpoint = checkpoint
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.args = args
+        self.wait_serving = wait_serving
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = checkpoint.parent / f"server-{self.port}.log"
+
+    def __enter__(self) -> ServerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "chargpt", "serve", "--checkpoint", str(self.checkpoint),
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--metrics-port", str(self.metrics_port), "--reload-seconds", "0.2", *self.args,
+            ],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )  # fmt: skip
+        self.client = LanguageModelClient(self.target, timeout=60)
+        expected = "SERVING" if self.wait_serving else "NOT_SERVING"
+        wait_until(lambda: self.client.health(timeout=1) == expected, timeout=90)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def metrics_text(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample from the live /metrics (0 if absent)."""
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
