@@ -96,17 +96,37 @@ class PerHeadGPT(nn.Module):
         return logits, loss
 
 
+# (fused GPT name, per-head model name) of the parameters both models share per block.
+_SHARED_BLOCK_PARAMS = [
+    ("attn.proj", "sa.proj"),
+    ("ln1", "ln1"),
+    ("ln2", "ln2"),
+    ("ffwd.net.0", "ffwd.net.0"),
+    ("ffwd.net.2", "ffwd.net.2"),
+]
+_SHARED_PARAMS = [
+    ("token_embedding.weight", "token_embedding_table.weight"),
+    ("position_embedding.weight", "position_embedding_table.weight"),
+    ("ln_f.weight", "ln_f.weight"),
+    ("ln_f.bias", "ln_f.bias"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("lm_head.bias", "lm_head.bias"),
+]
+
+
+def _shared_names(n_layer: int) -> list[tuple[str, str]]:
+    names = list(_SHARED_PARAMS)
+    for i in range(n_layer):
+        for fused, seed in _SHARED_BLOCK_PARAMS:
+            for kind in ("weight", "bias"):
+                names.append((f"blocks.{i}.{fused}.{kind}", f"blocks.{i}.{seed}.{kind}"))
+    return names
+
+
 def fused_state_dict(per_head: PerHeadGPT) -> dict[str, torch.Tensor]:
     """The per-head model's weights in ``chargpt.model.GPT``'s layout."""
     sd = per_head.state_dict()
-    out = {
-        "token_embedding.weight": sd["token_embedding_table.weight"],
-        "position_embedding.weight": sd["position_embedding_table.weight"],
-        "ln_f.weight": sd["ln_f.weight"],
-        "ln_f.bias": sd["ln_f.bias"],
-        "lm_head.weight": sd["lm_head.weight"],
-        "lm_head.bias": sd["lm_head.bias"],
-    }
+    out = {fused: sd[seed] for fused, seed in _shared_names(per_head.config.n_layer)}
     for i, block in enumerate(per_head.blocks):
         heads = block.sa.heads
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
@@ -115,14 +135,22 @@ def fused_state_dict(per_head: PerHeadGPT) -> dict[str, torch.Tensor]:
                 for name in ("query", "key", "value")
             ]
         ).detach()
-        b = f"blocks.{i}."
-        for fused, seed in [
-            ("attn.proj", "sa.proj"),
-            ("ln1", "ln1"),
-            ("ln2", "ln2"),
-            ("ffwd.net.0", "ffwd.net.0"),
-            ("ffwd.net.2", "ffwd.net.2"),
-        ]:
-            out[f"{b}{fused}.weight"] = sd[f"{b}{seed}.weight"]
-            out[f"{b}{fused}.bias"] = sd[f"{b}{seed}.bias"]
+    return out
+
+
+def per_head_state_dict(fused: nn.Module) -> dict[str, torch.Tensor]:
+    """A ``chargpt.model.GPT``'s weights in the per-head model's layout (the inverse)."""
+    config: GPTConfig = fused.config  # type: ignore[assignment]
+    sd = fused.state_dict()
+    out = {seed: sd[name] for name, seed in _shared_names(config.n_layer)}
+    hs = config.head_size
+    for i in range(config.n_layer):
+        thirds = sd[f"blocks.{i}.attn.qkv.weight"].split(config.n_embd)
+        for part, name in zip(thirds, ("query", "key", "value"), strict=True):
+            for h in range(config.n_head):
+                out[f"blocks.{i}.sa.heads.{h}.{name}.weight"] = part[h * hs : (h + 1) * hs]
+        for h in range(config.n_head):
+            out[f"blocks.{i}.sa.heads.{h}.tril"] = torch.tril(
+                torch.ones(config.block_size, config.block_size)
+            )
     return out

@@ -1,7 +1,7 @@
 import torch
 
 from chargpt.model import GPT, GPTConfig, reference_generate
-from chargpt.reference import PerHeadGPT, fused_state_dict
+from chargpt.reference import PerHeadGPT, fused_state_dict, per_head_state_dict
 from chargpt.sampling import SamplingParams
 
 CONFIG = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2)
@@ -54,6 +54,11 @@ def test_fused_attention_equals_per_head_reference() -> None:
     torch.testing.assert_close(got_loss, expected_loss)
     # Shorter sequences too (the per-head mask is sliced, SDPA is causal).
     torch.testing.assert_close(fused(idx[:, :3])[0], reference(idx[:, :3])[0], rtol=1e-5, atol=1e-5)
+    # And back: the inverse mapping restores the per-head model exactly.
+    restored = PerHeadGPT(config)
+    restored.load_state_dict(per_head_state_dict(fused))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
 
 
 def test_sequences_longer_than_block_size_are_refused() -> None:

@@ -179,6 +179,25 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_clip: float,
+    autocast: contextlib.AbstractContextManager[Any],
+) -> torch.Tensor:
+    """One optimizer step on a batch; returns the batch loss (not synchronised)."""
+    with autocast:
+        _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    optimizer.step()
+    return loss
+
+
 @torch.inference_mode()
 def evaluate(
     model: GPT,
@@ -433,13 +452,7 @@ def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResu
                 group["lr"] = lr
             x, y = sampler.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                _, loss = train_model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-            optimizer.step()
+            loss = train_step(train_model, optimizer, x, y, cfg.grad_clip, autocast)
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
