@@ -39,13 +39,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_allowance() -> int:
+def cpu_allowance(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
     (what ``docker run --cpus`` sets), so a container does not size its thread pool by
     the host's core count."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cgroup_cpu_max.read_text().split()
         if quota != "max":
             cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
     except (OSError, ValueError):

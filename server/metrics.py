@@ -70,7 +70,7 @@ class ServerMetrics:
         )  # fmt: skip
         self.finished = Counter(
             "chargpt_finished_generations",
-            "Generations ended, by reason (length, stop, time_limit, cancelled, shutdown).",
+            "Generations ended, by reason (length, stop, time_limit, cancelled, shutdown, error).",
             ["reason"], registry=r,
         )  # fmt: skip
         self.rejected = Counter(
@@ -90,6 +90,19 @@ class ServerMetrics:
             "Checkpoint load attempts, by outcome (loaded, refused).",
             ["outcome"], registry=r,
         )  # fmt: skip
+        # Known label values exist from the start (at 0), so rate() and alerts work before
+        # the first event of each kind.
+        for method in ("Generate", "Score", "GetModelInfo"):
+            self.requests.labels(method, "OK")
+            self.request_duration.labels(method)
+        for method in ("Generate", "Score"):
+            self.queue_time.labels(method)
+        for reason in ("length", "stop", "time_limit", "cancelled", "shutdown", "error"):
+            self.finished.labels(reason)
+        for reason in ("overloaded", "invalid", "no_model", "draining"):
+            self.rejected.labels(reason)
+        for outcome in ("loaded", "refused"):
+            self.reloads.labels(outcome)
         self._http = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

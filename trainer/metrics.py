@@ -35,6 +35,8 @@ class TrainerMetrics:
             ["kind"],
             registry=r,
         )
+        for kind in ("best", "latest"):
+            self.checkpoints.labels(kind)
         self.run = Info("chargpt_trainer_run", "The run being trained.", registry=r)
         self._server = None
 
