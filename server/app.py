@@ -1,14 +1,20 @@
 """Wiring the inference server together: gRPC (service, health, reflection), the
-engine, the model watcher and the metrics endpoint; and its graceful shutdown."""
+engine, the model watcher and the metrics endpoint; and its graceful shutdown.
+
+Threads: the engine loop runs on the main thread (see ``Engine.start``); gRPC runs on
+one asyncio event loop in a thread of its own; the model watcher polls in another.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from concurrent import futures
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -18,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
 from chargpt.v1 import language_model_pb2 as pb
 from chargpt.v1 import language_model_pb2_grpc as pb_grpc
-from server.engine import Engine, ServedModel
+from server.engine import Engine, Event, Generation, ServedModel, deliver_directly
 from server.metrics import ServerMetrics
 from server.model_loader import ModelWatcher
 from server.service import LanguageModelService, Limits
@@ -26,6 +32,7 @@ from server.service import LanguageModelService, Limits
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LanguageModel"].full_name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,37 +66,52 @@ class InferenceServer:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(self.device, config.dtype)
         self.metrics = ServerMetrics()
-        self.engine = Engine(self.metrics, config.max_running, config.max_waiting)
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
+        self.engine = Engine(
+            self.metrics, config.max_running, config.max_waiting, deliver=self._deliver
+        )
         self.service = LanguageModelService(self.engine, self.metrics, config.limits)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = health.aio.HealthServicer()
         self.watcher = ModelWatcher(
             config.checkpoint, self.device, self.dtype, config.max_running, self.metrics,
             self._on_model, config.reload_seconds,
         )  # fmt: skip
-        # One thread per in-flight RPC (streams block on their event queue) plus spare
-        # threads so health checks and refusals are answered while every slot is busy.
-        workers = config.max_running + config.max_waiting + 16
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-            maximum_concurrent_rpcs=workers,
-        )
-        pb_grpc.add_LanguageModelServicer_to_server(self.service, self.grpc_server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
-        )
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
 
-    def _set_health(self, status: int) -> None:
+    def _deliver(self, batch: list[tuple[Generation, Event]]) -> None:
+        """Engine thread -> event loop: one wake-up per decode step."""
+        self.loop.call_soon_threadsafe(deliver_directly, batch)
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+            await self.health.set(name, status)
 
     def _on_model(self, served: ServedModel) -> None:
         self.service.set_model(served)
         if not self.service.draining:
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+
+    async def _start_grpc(self) -> int:
+        # Streams wait on the engine, not on threads, so the limit is just a backstop
+        # above the engine's own admission control.
+        limit = self.config.max_running + self.config.max_waiting + 64
+        server = grpc.aio.server(maximum_concurrent_rpcs=limit)
+        pb_grpc.add_LanguageModelServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await server.start()
+        self.grpc_server = server
+        return port
 
     def start(self) -> None:
         """Start listening and watching the checkpoint; the caller then runs
@@ -99,10 +121,13 @@ class InferenceServer:
             configure_cpu_threads()
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
-        self.port = self.grpc_server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if not self.port:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
-        self.grpc_server.start()
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._start_grpc())
+        except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+            raise OSError(
+                f"cannot listen on {self.config.host}:{self.config.port}: {exc}"
+            ) from None
         log.info(
             "listening: grpc %s:%d, metrics %s; device %s, dtype %s",
             self.config.host, self.port,
@@ -118,7 +143,7 @@ class InferenceServer:
         """NOT_SERVING, refuse new calls, give in-flight ones the grace period, then stop
         the engine (which ends whatever is left)."""
         self.service.draining = True
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         deadline = time.monotonic() + self.config.drain_seconds
         running, waiting = self.engine.load()
         log.info("draining: %d running, %d waiting, up to %.1fs", running, waiting,
@@ -133,7 +158,10 @@ class InferenceServer:
 
     def close(self) -> None:
         """After the engine has stopped: close the gRPC server and the metrics endpoint."""
-        self.grpc_server.stop(grace=1.0).wait()
+        if self.grpc_server is not None:
+            self._on_loop(self.grpc_server.stop(grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join(timeout=10)
         self.metrics.close()
         log.info("stopped")
 

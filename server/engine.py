@@ -18,8 +18,10 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -97,14 +99,23 @@ class Finished:
     model: ServedModel
 
 
+Event = Chunk | Finished
+
+
+class EventQueue(Protocol):
+    """Where a generation's events go: a ``queue.SimpleQueue`` or an ``asyncio.Queue``."""
+
+    def put_nowait(self, item: Event, /) -> None: ...
+
+
 @dataclass(eq=False)
 class Generation:
     """One Generate request as the engine tracks it."""
 
     params: GenerateParams
     served: ServedModel
+    events: EventQueue = field(default_factory=queue.SimpleQueue)
     received: float = field(default_factory=time.monotonic)
-    events: queue.SimpleQueue[Chunk | Finished] = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     admitted: float | None = None
     first_token: float | None = None
@@ -146,15 +157,26 @@ class ScoreJob:
         self.cancelled = True
 
 
+def deliver_directly(batch: list[tuple[Generation, Event]]) -> None:
+    for generation, event in batch:
+        generation.events.put_nowait(event)
+
+
 class Engine:
+    """``deliver`` receives the events of each step in one call (from the engine thread);
+    the asyncio service hands them to its event loop in one wake-up."""
+
     def __init__(
         self,
         metrics: ServerMetrics,
         max_running: int = 32,
         max_waiting: int = 256,
         score_windows_per_step: int = 32,
+        deliver: Callable[[list[tuple[Generation, Event]]], None] = deliver_directly,
     ) -> None:
         self.metrics = metrics
+        self.deliver = deliver
+        self._outbox: list[tuple[Generation, Event]] = []
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.score_windows_per_step = score_windows_per_step
@@ -186,8 +208,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def submit_generation(self, params: GenerateParams, served: ServedModel) -> Generation:
-        generation = Generation(params, served)
+    def submit_generation(
+        self, params: GenerateParams, served: ServedModel, events: EventQueue | None = None
+    ) -> Generation:
+        generation = Generation(
+            params, served, events if events is not None else queue.SimpleQueue()
+        )
         with self._wake:
             self._admit_check()
             self._waiting.append(generation)
@@ -244,10 +270,17 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 for generation in list(self._running):
                     self._finish(generation, "error")
+            self._flush_outbox()
         for generation in list(self._running) + list(self._waiting):
             self._finish(generation, "shutdown")
+        self._flush_outbox()
         for job in self._scores:
             job.result.set_exception(EngineStoppedError("the server is shutting down"))
+
+    def _flush_outbox(self) -> None:
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.deliver(batch)
 
     def _admit(self) -> None:
         """Move waiting generations into the running batch (lock held)."""
@@ -360,7 +393,7 @@ class Engine:
         char = generation.served.loaded.tokenizer.vocab[token]
         released = generation.matcher.feed(char, detail)
         if released:
-            generation.events.put(Chunk("".join(c for c, _ in released), [d for _, d in released]))
+            self._outbox.append((generation, self._chunk(released)))
         if generation.matcher.matched is not None:
             self._finish(generation, "stop")
         elif generation.generated >= params.max_new_tokens:
@@ -368,10 +401,13 @@ class Engine:
             self._finish(generation, "length")
 
     @staticmethod
-    def _release_held(generation: Generation) -> None:
+    def _chunk(released: list[tuple[str, TokenDetail]]) -> Chunk:
+        return Chunk("".join(c for c, _ in released), [d for _, d in released])
+
+    def _release_held(self, generation: Generation) -> None:
         released = generation.matcher.flush()
         if released:
-            generation.events.put(Chunk("".join(c for c, _ in released), [d for _, d in released]))
+            self._outbox.append((generation, self._chunk(released)))
 
     def _finish(self, generation: Generation, reason: str) -> None:
         if generation.finished:
@@ -385,17 +421,20 @@ class Engine:
         now = time.monotonic()
         admitted = generation.admitted if generation.admitted is not None else now
         first = generation.first_token if generation.first_token is not None else now
-        generation.events.put(
-            Finished(
-                reason=reason,
-                stop_sequence=generation.matcher.matched or "",
-                prompt_characters=len(generation.params.prompt_ids),
-                generated_characters=generation.generated,
-                seed=generation.params.seed,
-                queue_seconds=admitted - generation.received,
-                time_to_first_token_seconds=first - generation.received,
-                total_seconds=now - generation.received,
-                model=generation.served,
+        self._outbox.append(
+            (
+                generation,
+                Finished(
+                    reason=reason,
+                    stop_sequence=generation.matcher.matched or "",
+                    prompt_characters=len(generation.params.prompt_ids),
+                    generated_characters=generation.generated,
+                    seed=generation.params.seed,
+                    queue_seconds=admitted - generation.received,
+                    time_to_first_token_seconds=first - generation.received,
+                    total_seconds=now - generation.received,
+                    model=generation.served,
+                ),
             )
         )
         self.metrics.finished.labels(reason).inc()

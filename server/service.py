@@ -1,20 +1,21 @@
-"""The ``chargpt.v1.LanguageModel`` gRPC service: validate, submit, relay.
+"""The ``chargpt.v1.LanguageModel`` gRPC service (grpc.aio): validate, submit, relay.
 
 Handlers never touch the model; they check the request against the current model (its
 vocabulary and limits), pin it to that model, hand it to the engine and turn the
-engine's events into messages.
+engine's events into messages. All handlers run on one asyncio event loop; the engine
+delivers each decode step's events to it in one wake-up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -26,6 +27,7 @@ from server.engine import (
     Chunk,
     Engine,
     EngineStoppedError,
+    Event,
     Finished,
     GenerateParams,
     OverloadedError,
@@ -114,70 +116,66 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
 
     # ---- RPCs ---------------------------------------------------------------------
 
-    def Generate(  # noqa: N802 (gRPC method name)
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GenerateResponse]:
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         started = time.monotonic()
         code = grpc.StatusCode.OK
+        generation = None
         try:
             served = self._require_model()
             params, per_message = self._generate_params(request, served, context)
+            events: asyncio.Queue[Event] = asyncio.Queue()
             try:
-                generation = self.engine.submit_generation(params, served)
+                generation = self.engine.submit_generation(params, served, events)
             except OverloadedError as exc:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
             except EngineStoppedError as exc:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-            context.add_callback(lambda: (generation.cancel(), self.engine.wake()))
-            yield from self._relay(generation.events, served, per_message, context)
+            vocab = served.loaded.tokenizer.vocab
+            async for response in self._relay(events, vocab, per_message):
+                yield response
         except RequestError as exc:
             code = exc.code
             self._count_rejection(exc.code)
-            context.abort(exc.code, str(exc))
-        except GeneratorExit:  # the client went away mid-stream
+            await context.abort(exc.code, str(exc))
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            if code == grpc.StatusCode.OK and not context.is_active():
-                code = grpc.StatusCode.CANCELLED
+            if generation is not None and not generation.finished:
+                generation.cancel()
+                self.engine.wake()
             self._count("Generate", code, started)
 
-    def _relay(
-        self,
-        events: queue.SimpleQueue[Chunk | Finished],
-        served: ServedModel,
-        per_message: int,
-        context: grpc.ServicerContext,
-    ) -> Iterator[pb.GenerateResponse]:
-        vocab = served.loaded.tokenizer.vocab
+    async def _relay(
+        self, events: asyncio.Queue[Event], vocab: tuple[str, ...], per_message: int
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Messages from a generation's events: at least ``per_message`` characters each,
+        more when several are already waiting; the summary last."""
         text, tokens = "", []
         while True:
-            try:
-                event = events.get(timeout=1.0)
-            except queue.Empty:
-                if not context.is_active():
-                    return
-                continue
+            event = await events.get()
             if isinstance(event, Chunk):
                 text += event.text
                 tokens.extend(event.tokens)
                 if len(text) < per_message:
                     continue
-                # Characters that piled up while this thread waited go out together, so
-                # a slow stream never falls further behind the engine.
-                while not events.empty() and isinstance(event := events.get(), Chunk):
+                # Characters that piled up while this stream was sending go out together,
+                # so a slow stream never falls further behind the engine.
+                while not events.empty() and isinstance(event := events.get_nowait(), Chunk):
                     text += event.text
                     tokens.extend(event.tokens)
                 yield pb.GenerateResponse(text=text, tokens=self._tokens(tokens, vocab))
                 text, tokens = "", []
                 if isinstance(event, Chunk):
                     continue
-            if event.reason in ("cancelled", "shutdown", "error"):
-                if event.reason == "error":
-                    raise RequestError(grpc.StatusCode.INTERNAL, "generation failed on the server")
-                if event.reason == "shutdown":
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "server shut down")
+            if event.reason == "cancelled":
                 return
+            if event.reason == "error":
+                raise RequestError(grpc.StatusCode.INTERNAL, "generation failed on the server")
+            if event.reason == "shutdown":
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server shut down")
             yield pb.GenerateResponse(
                 text=text, tokens=self._tokens(tokens, vocab), summary=self._summary(event)
             )
@@ -208,13 +206,15 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 total_seconds=event.total_seconds,
             ),
             stop_sequence=event.stop_sequence,
-            model=pb.ModelRef(
-                step=event.model.loaded.info.step, weights_sha256=event.model.loaded.file_sha256
-            ),
+            model=LanguageModelService._model_ref(event.model),
         )
 
+    @staticmethod
+    def _model_ref(served: ServedModel) -> pb.ModelRef:
+        return pb.ModelRef(step=served.loaded.info.step, weights_sha256=served.loaded.file_sha256)
+
     def _generate_params(
-        self, request: pb.GenerateRequest, served: ServedModel, context: grpc.ServicerContext
+        self, request: pb.GenerateRequest, served: ServedModel, context: grpc.aio.ServicerContext
     ) -> tuple[GenerateParams, int]:
         limits, tokenizer = self.limits, served.loaded.tokenizer
         if len(request.prompt) > limits.max_prompt_chars:
@@ -277,12 +277,12 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         )
         return params, max(1, request.characters_per_message)
 
-    def Score(  # noqa: N802
-        self, request: pb.ScoreRequest, context: grpc.ServicerContext
+    async def Score(  # noqa: N802
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
-        return self._unary("Score", context, lambda: self._score(request, context))
+        return await self._unary("Score", context, self._score(request))
 
-    def _score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+    async def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
         served = self._require_model()
         tokenizer = served.loaded.tokenizer
         if not request.text:
@@ -301,8 +301,12 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except EngineStoppedError as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        context.add_callback(lambda: (job.cancel(), self.engine.wake()))
-        logprobs = job.result.result()
+        try:
+            logprobs = await asyncio.wrap_future(job.result)
+        except asyncio.CancelledError:
+            job.cancel()
+            self.engine.wake()
+            raise
         total = math.fsum(logprobs)
         mean_nll = -total / len(logprobs)
         return pb.ScoreResponse(
@@ -313,15 +317,16 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
             perplexity=math.exp(mean_nll) if mean_nll < 700 else math.inf,
             scored_characters=len(logprobs),
             context_characters=len(request.context),
-            model=pb.ModelRef(
-                step=served.loaded.info.step, weights_sha256=served.loaded.file_sha256
-            ),
+            model=self._model_ref(served),
         )
 
-    def GetModelInfo(  # noqa: N802
-        self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
+    async def GetModelInfo(  # noqa: N802
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        return self._unary("GetModelInfo", context, self._model_info)
+        return await self._unary("GetModelInfo", context, self._model_info_async())
+
+    async def _model_info_async(self) -> pb.ModelInfo:
+        return self._model_info()
 
     def _model_info(self) -> pb.ModelInfo:
         served = self._require_model()
@@ -353,20 +358,23 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
 
     # ---- bookkeeping --------------------------------------------------------------
 
-    def _unary(self, method: str, context: grpc.ServicerContext, handler: Callable[[], T]) -> T:
+    async def _unary(
+        self, method: str, context: grpc.aio.ServicerContext, handler: Awaitable[T]
+    ) -> T:
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
-            return handler()
+            return await handler
         except RequestError as exc:
             code = exc.code
             self._count_rejection(exc.code)
-            context.abort(exc.code, str(exc))
+            await context.abort(exc.code, str(exc))
             raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
-            code = (
-                grpc.StatusCode.CANCELLED if not context.is_active() else grpc.StatusCode.INTERNAL
-            )
+            code = grpc.StatusCode.INTERNAL
             raise
         finally:
             self._count(method, code, started)
@@ -383,6 +391,3 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         }.get(code)
         if reason:
             self.metrics.rejected.labels(reason).inc()
-
-
-__all__ = ["Any", "LanguageModelService", "Limits"]
