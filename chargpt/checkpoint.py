@@ -229,5 +229,6 @@ def load_resume_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no resume state at {path}") from None
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: cannot read resume state: {exc}") from None
+    except Exception as exc:  # torch raises many types, with long messages, for a bad file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: cannot read resume state: {reason}") from None

@@ -21,12 +21,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from chargpt.runtime import (
-    configure_cpu_threads,
-    cpu_allowance,
-    keep_freed_memory_mapped,
-    resolve_device,
-)
+from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
 from chargpt.v1 import language_model_pb2 as pb
 from chargpt.v1 import language_model_pb2_grpc as pb_grpc
 from server.engine import Engine, Event, Generation, ServedModel, deliver_directly
@@ -48,7 +43,7 @@ class ServerConfig:
     metrics_port: int = 9100
     device: str = "auto"
     dtype: str = "float32"
-    max_running: int = 32
+    max_running: int = 64
     max_waiting: int = 256
     limits: Limits = field(default_factory=Limits)
     reload_seconds: float = 1.0
@@ -74,9 +69,8 @@ class InferenceServer:
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
         self.engine = Engine(
-            self.metrics, config.max_running, config.max_waiting, deliver=self._deliver,
-            cpu_threads=cpu_allowance() if self.device.type == "cpu" else None,
-        )  # fmt: skip
+            self.metrics, config.max_running, config.max_waiting, deliver=self._deliver
+        )
         self.service = LanguageModelService(self.engine, self.metrics, config.limits)
         self.health = health.aio.HealthServicer()
         self.watcher = ModelWatcher(

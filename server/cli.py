@@ -45,7 +45,7 @@ POSITIVE = click.IntRange(min=1)
 @option(
     "--max-running",
     type=POSITIVE,
-    default=32,
+    default=64,
     help="Generations decoded together (the batch cap); more wait in the queue.",
 )
 @option(

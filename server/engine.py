@@ -33,12 +33,6 @@ from server.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 DEADLINE_MARGIN_S = 0.05
-# Below this many rows a decode step runs on one CPU thread. Measured on 2 cores with the
-# seed-default model (one 32-character window per row): 1 row 0.94 ms on one thread vs
-# 1.34 ms on two, 8 rows 3.6 vs 4.1 ms, 16 rows equal, 32 rows 13.4 vs 8.8 ms. Small
-# steps lose more to waking the second thread than they gain, and the free core serves
-# the gRPC loop meanwhile.
-SINGLE_THREAD_BELOW_ROWS = 16
 
 
 class OverloadedError(Exception):
@@ -175,15 +169,12 @@ class Engine:
     def __init__(
         self,
         metrics: ServerMetrics,
-        max_running: int = 32,
+        max_running: int = 64,
         max_waiting: int = 256,
         score_windows_per_step: int = 32,
         deliver: Callable[[list[tuple[Generation, Event]]], None] = deliver_directly,
-        cpu_threads: int | None = None,
     ) -> None:
-        """``cpu_threads``: the thread budget of a CPU engine (None on a GPU)."""
         self.metrics = metrics
-        self.cpu_threads = cpu_threads
         self.deliver = deliver
         self._outbox: list[tuple[Generation, Event]] = []
         self.max_running = max_running
@@ -326,10 +317,6 @@ class Engine:
     def _decode_step(self) -> None:
         started = time.monotonic()
         rows = list(self._running)
-        if self.cpu_threads is not None:
-            threads = 1 if len(rows) < SINGLE_THREAD_BELOW_ROWS else self.cpu_threads
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
         by_model: dict[int, list[int]] = {}
         for i, generation in enumerate(rows):
             by_model.setdefault(id(generation.served), []).append(i)

@@ -153,6 +153,10 @@ def test_resume_refusals(small_text_file: Path, tmp_path: Path, trained_run: Pat
     other_text = tmp_path / "other.txt"
     other_text.write_text(small_text_file.read_text()[::-1])
     cases.append((train_args(other_text, out, "--resume"), "sha256"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained_run, damaged)
+    (damaged / "resume.pt").write_bytes(b"not a torch file")
+    cases.append((train_args(small_text_file, damaged, "--resume"), "cannot read resume state"))
     for args, expected in cases:
         result = run_chargpt(*args)
         assert result.returncode == 2, (args, result.stderr)

@@ -317,7 +317,10 @@ def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResu
                 f"--overwrite to start a new one in its place"
             )
     corpus = load_corpus(cfg, dist)
-    resume_state = load_resume_state(files.resume) if cfg.resume else None
+    try:
+        resume_state = load_resume_state(files.resume) if cfg.resume else None
+    except CheckpointError as exc:
+        raise TrainError(f"--resume: {exc}") from None
     if resume_state is not None:
         check_resumable(resume_state, cfg, corpus, files)
 
