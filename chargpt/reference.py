@@ -1,4 +1,5 @@
-"""The seed's model exactly as the lecture writes it: one module per attention head.
+"""The seed's model exactly as the lecture writes it: one module per attention head
+(the feed-forward, identical in both, is shared with ``chargpt.model``).
 
 It is the straightforward reference that the fused model in ``chargpt.model`` is tested
 and benchmarked against. ``fused_state_dict`` maps its weights onto ``chargpt.model.GPT``.
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chargpt.model import GPTConfig, _init_weights
+from chargpt.model import FeedForward, GPTConfig, _init_weights
 
 
 class Head(nn.Module):
@@ -42,20 +43,6 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.cat([h(x) for h in self.heads], dim=-1)
         return self.dropout(self.proj(out))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.ReLU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class Block(nn.Module):
