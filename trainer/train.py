@@ -19,7 +19,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ class TrainResult:
     best_val_loss: float
     checkpoint: Path
     stopped_by: str | None  # signal name when the run was interrupted
-    sample: str
+    sample: str = ""
 
 
 class StopSignals:
@@ -280,10 +280,25 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
         )
         torch_dist.init_process_group(backend)
     try:
-        return _train(cfg, dist, progress or Progress(cfg.max_iters))
+        result = _train(cfg, dist, progress or Progress(cfg.max_iters))
+        if dist.enabled:  # no rank tears the group down while another still uses it
+            torch_dist.barrier()
     finally:
         if dist.enabled:
             torch_dist.destroy_process_group()
+    finished = result.stopped_by is None and result.checkpoint.exists()
+    if dist.is_main and finished and cfg.sample_length:
+        result = replace(result, sample=sample_from(result.checkpoint, cfg))
+    return result
+
+
+def sample_from(checkpoint: Path, cfg: TrainConfig) -> str:
+    """``cfg.sample_length`` characters from the published model, seeded, from token 0."""
+    served = load_checkpoint(checkpoint, resolve_device(cfg.device))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    params = SamplingParams()
+    new = reference_generate(served.model, [0], cfg.sample_length, params, generator)
+    return served.tokenizer.decode(new)
 
 
 def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResult:
@@ -521,19 +536,7 @@ def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResu
 
     if metrics is not None:
         metrics.close()
-    sample = ""
-    if dist.is_main and stopped_by is None and files.model.exists() and cfg.sample_length:
-        served = load_checkpoint(files.model, device)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        new = reference_generate(
-            served.model,
-            served.tokenizer.encode("\n"),
-            cfg.sample_length,
-            SamplingParams(),
-            generator,
-        )
-        sample = served.tokenizer.decode(new)
-    return TrainResult(step, best_val, files.model, stopped_by, sample)
+    return TrainResult(step, best_val, files.model, stopped_by)
 
 
 def _stop_requested(stop: StopSignals, dist: Distributed, device: torch.device) -> bool:
