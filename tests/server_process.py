@@ -26,14 +26,15 @@ def free_port() -> int:
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
     while True:
         try:
             if predicate():
                 return
-        except Exception:
-            pass
+        except Exception as exc:  # keep polling until the deadline
+            last_error = exc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
+            raise TimeoutError(f"condition not met within {timeout}s (last error: {last_error!r})")
         time.sleep(interval)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import threading
@@ -321,13 +322,23 @@ def test_metrics_count_what_was_sent(server: ServerProcess) -> None:
     assert server.metric("chargpt_model_info", sha256=info.weights_sha256, step=str(info.step)) == 1
 
 
+def drain(stream) -> None:  # type: ignore[no-untyped-def]
+    """Read a stream to its end (or its cancellation)."""
+    with contextlib.suppress(grpc.RpcError):
+        for _ in stream:
+            pass
+
+
 def test_overload_is_refused_at_once(checkpoint: Path) -> None:
     limits = ("--max-running", "1", "--max-waiting", "1", "--max-new-tokens", "100000")
     with ServerProcess(checkpoint, *limits) as server:
+        # Two long streams, each read by a thread of its own (a stream nobody reads backs
+        # up the HTTP/2 connection it shares, which once held back the other call).
         streams = [server.client.generate("ROMEO:", max_new_tokens=100_000) for _ in range(2)]
-        first = next(streams[0])
-        assert first.text
-        wait_until(lambda: server.metric("chargpt_waiting_requests") == 1)
+        for stream in streams:
+            threading.Thread(target=drain, args=(stream,), daemon=True).start()
+        wait_until(lambda: server.metric("chargpt_waiting_requests") == 1, timeout=30)
+        assert server.metric("chargpt_running_requests") == 1
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             list(server.client.generate("ROMEO:", max_new_tokens=5))
