@@ -101,7 +101,7 @@ async def drive(target: str, streams: int, chars: int, rounds: int) -> dict[str,
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.LanguageModelStub(channel)
         await one_stream(stub, 16, 0)  # warm up the connection and the server
-        results, total_chars = [], 0
+        results = []
         started = time.perf_counter()
         for r in range(rounds):
             batch = await asyncio.gather(

@@ -114,7 +114,7 @@ class Generation:
 
     params: GenerateParams
     served: ServedModel
-    events: EventQueue = field(default_factory=queue.SimpleQueue)
+    events: EventQueue
     received: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     admitted: float | None = None

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 from chargpt.checkpoint import load_checkpoint, load_resume_state, read_checkpoint
 from tests.conftest import REPO, TINY_MODEL, run_chargpt
+from tests.server_process import wait_until
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -164,14 +164,6 @@ def test_resume_refusals(small_text_file: Path, tmp_path: Path, trained_run: Pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.02)
-
-
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path.read_bytes())[0]
 
@@ -189,7 +181,7 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
         [sys.executable, "-m", "chargpt", *train_args(small_text_file, out, *args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
     )  # fmt: skip
-    wait_for(lambda: (out / "log.jsonl").exists() and (out / "log.jsonl").read_text())
+    wait_until(lambda: (out / "log.jsonl").read_text())
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr

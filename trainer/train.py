@@ -421,7 +421,7 @@ def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResu
             training=training_info,
         )
 
-    def save_latest(loss_train: float | None, loss_val: float | None) -> None:
+    def save_latest(loss_train: float | None, loss_val: float | None, elapsed: float) -> None:
         cpu_rng, cuda_rng = gather_rng_states(device, dist)
         if not dist.is_main:
             return
@@ -437,7 +437,7 @@ def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResu
                 "cuda_rng": cuda_rng,
                 "best_val_loss": best_val,
                 "tokens_seen": tokens_seen,
-                "elapsed_s": elapsed_before + (time.monotonic() - started),
+                "elapsed_s": elapsed,
                 "train_config": cfg.to_dict(),
                 "dataset_sha256": corpus.sha256,
                 "latest_sha256": latest.content_sha256,
@@ -498,8 +498,8 @@ def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResu
                         save_checkpoint(files.model, model, describe(loss_train, loss_val))
                         if metrics is not None:
                             metrics.checkpoints.labels("best").inc()
-                save_latest(loss_train, loss_val)
                 elapsed = elapsed_before + time.monotonic() - started
+                save_latest(loss_train, loss_val, elapsed)
                 if dist.is_main:
                     record = {
                         "step": step,
@@ -530,7 +530,7 @@ def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResu
             if _stop_requested(stop, dist, device):
                 stopped_by = (stop.received or signal.SIGTERM).name
                 if step % cfg.eval_interval and step != cfg.max_iters:
-                    save_latest(None, None)
+                    save_latest(None, None, elapsed_before + time.monotonic() - started)
                 say(f"{stopped_by}: stopped at step {step}; continue with --resume")
                 break
 
