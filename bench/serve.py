@@ -1,7 +1,7 @@
 """Serving throughput and latency against the reference generate, in one run.
 
-    python bench/serve.py --checkpoint PATH [--streams 1,8,64] [--chars 256]
-    python bench/serve.py --train-iters 1000      (trains a seed-default checkpoint first)
+    python -m bench.serve --checkpoint PATH [--streams 1,8,64] [--chars 256]
+    python -m bench.serve --train-iters 1000      (trains a seed-default checkpoint first)
 
 Starts ``chargpt serve`` as its own process, drives it from this process (grpc.aio, one
 event loop) with 1, 8 and 64 concurrent streams of 256-character sampled generations,
@@ -32,9 +32,9 @@ import grpc
 import torch
 import torch.nn.functional as F
 
+from bench.lecture import PerHeadGPT, per_head_state_dict
 from chargpt.checkpoint import load_checkpoint
 from chargpt.model import reference_generate
-from chargpt.reference import PerHeadGPT, per_head_state_dict
 from chargpt.runtime import configure_cpu_threads
 from chargpt.sampling import SamplingParams
 from chargpt.v1 import language_model_pb2 as pb

@@ -1,8 +1,8 @@
-"""The whole default training run, ours against the seed's, on the same machine.
+"""The whole default training run, ours against the lecture's, on the same machine.
 
-    python bench/train_e2e.py [--data PATH]   (about 10 minutes on 2 CPU cores)
+    python -m bench.train_e2e [--data PATH]   (about 10 minutes on 2 CPU cores)
 
-Runs ``bench/seed_gpt.py`` (the lecture's gpt.py with the seed's defaults) and then
+Runs ``bench/lecture_gpt.py`` (the lecture's gpt.py with its defaults) and then
 ``chargpt train`` with its defaults (5000 steps, exact evaluation of both splits every
 100), each as its own process, and prints wall times, final validation losses and the
 ratio.
@@ -26,7 +26,7 @@ DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "tinyshakespeare.txt"
 
 def timed(command: list[str]) -> tuple[float, str]:
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=HERE.parent)
     return time.perf_counter() - started, result.stdout
 
 
@@ -35,9 +35,13 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("CHARGPT_TINY_SHAKESPEARE", DEFAULT_DATA))
     args = parser.parse_args()
 
-    seed_seconds, seed_out = timed([sys.executable, str(HERE / "seed_gpt.py"), str(args.data)])
-    seed_val = float(re.findall(r"step 4999: train loss [\d.]+, val loss ([\d.]+)", seed_out)[-1])
-    print(f"seed gpt.py:    {seed_seconds:6.1f} s wall, val loss {seed_val:.4f} "
+    lecture_seconds, lecture_out = timed(
+        [sys.executable, "-m", "bench.lecture_gpt", str(args.data)]
+    )
+    lecture_val = float(
+        re.findall(r"step 4999: train loss [\d.]+, val loss ([\d.]+)", lecture_out)[-1]
+    )
+    print(f"lecture gpt.py: {lecture_seconds:6.1f} s wall, val loss {lecture_val:.4f} "
           "(estimated from 200 random batches)", flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as out:
@@ -48,7 +52,7 @@ def main() -> None:
     last, best = log[-1], min(r["val_loss"] for r in log)
     print(f"chargpt train:  {ours_seconds:6.1f} s wall, val loss {last['val_loss']:.4f} at step "
           f"{last['step']} (exact, whole split), best {best:.4f}")  # fmt: skip
-    print(f"wall-time ratio seed / chargpt: {seed_seconds / ours_seconds:.2f}x")
+    print(f"wall-time ratio lecture / chargpt: {lecture_seconds / ours_seconds:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput: the seed's per-head model and training step (the baseline)
 against ours, on the same batches, in one process, interleaved.
 
-    python bench/train_speed.py [--data PATH] [--steps 600] [--chunk 50]
+    python -m bench.train_speed [--data PATH] [--steps 600] [--chunk 50]
 
 Both train the seed-default model (batch 16, block 32, 8 layers, 4 heads, 64 wide) on
 Tiny Shakespeare. The baseline is the lecture's code: one module per head, plain AdamW,
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from bench.lecture import PerHeadGPT
 from chargpt.model import GPT, GPTConfig
-from chargpt.reference import PerHeadGPT
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped
 from trainer.config import TrainConfig
 from trainer.data import Corpus, read_text

@@ -1,7 +1,7 @@
 import torch
 
+from bench.lecture import PerHeadGPT, fused_state_dict, per_head_state_dict
 from chargpt.model import GPT, GPTConfig, reference_generate
-from chargpt.reference import PerHeadGPT, fused_state_dict, per_head_state_dict
 from chargpt.sampling import SamplingParams
 
 CONFIG = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2)

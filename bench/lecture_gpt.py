@@ -1,11 +1,11 @@
-"""The seed's reference training run: the lecture's ``gpt.py`` with the seed's defaults.
+"""The lecture's training run: its ``gpt.py`` with its defaults.
 
-    python bench/seed_gpt.py PATH_TO_TINY_SHAKESPEARE
+    python -m bench.lecture_gpt PATH_TO_TINY_SHAKESPEARE
 
 Batch 16, block 32, 5000 iterations, learning rate 1e-3, an estimate of both losses from
 200 random batches per split every 100 iterations (and at the last), 64 wide, 4 heads,
 8 layers, no dropout; plain AdamW; then 500 sampled characters. The model is
-``chargpt.reference.PerHeadGPT``, the lecture's classes (one module per head).
+``bench.lecture.PerHeadGPT``, the lecture's classes (one module per head).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench.lecture import PerHeadGPT
 from chargpt.model import GPTConfig
-from chargpt.reference import PerHeadGPT
 
 batch_size = 16
 block_size = 32

@@ -1,8 +1,9 @@
-"""The seed's model exactly as the lecture writes it: one module per attention head
-(the feed-forward, identical in both, is shared with ``chargpt.model``).
+"""The lecture's model exactly as the lecture writes it: one module per attention head,
+``nn.Sequential`` feed-forward, N(0, 0.02) initialisation.
 
-It is the straightforward reference that the fused model in ``chargpt.model`` is tested
-and benchmarked against. ``fused_state_dict`` maps its weights onto ``chargpt.model.GPT``.
+It is the straightforward oracle that the fused model in ``chargpt.model`` is tested
+(``tests/test_model.py``) and benchmarked (``bench/``) against. ``fused_state_dict`` maps
+its weights onto ``chargpt.model.GPT``; ``per_head_state_dict`` maps them back.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chargpt.model import FeedForward, GPTConfig, _init_weights
+from chargpt.model import GPTConfig
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class Head(nn.Module):
@@ -31,6 +39,20 @@ class Head(nn.Module):
         wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))
         wei = self.dropout(F.softmax(wei, dim=-1))
         return wei @ self.value(x)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class MultiHeadAttention(nn.Module):
@@ -104,16 +126,16 @@ _SHARED_PARAMS = [
 def _shared_names(n_layer: int) -> list[tuple[str, str]]:
     names = list(_SHARED_PARAMS)
     for i in range(n_layer):
-        for fused, seed in _SHARED_BLOCK_PARAMS:
+        for fused, lecture in _SHARED_BLOCK_PARAMS:
             for kind in ("weight", "bias"):
-                names.append((f"blocks.{i}.{fused}.{kind}", f"blocks.{i}.{seed}.{kind}"))
+                names.append((f"blocks.{i}.{fused}.{kind}", f"blocks.{i}.{lecture}.{kind}"))
     return names
 
 
 def fused_state_dict(per_head: PerHeadGPT) -> dict[str, torch.Tensor]:
     """The per-head model's weights in ``chargpt.model.GPT``'s layout."""
     sd = per_head.state_dict()
-    out = {fused: sd[seed] for fused, seed in _shared_names(per_head.config.n_layer)}
+    out = {fused: sd[lecture] for fused, lecture in _shared_names(per_head.config.n_layer)}
     for i, block in enumerate(per_head.blocks):
         heads = block.sa.heads
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
@@ -129,7 +151,7 @@ def per_head_state_dict(fused: nn.Module) -> dict[str, torch.Tensor]:
     """A ``chargpt.model.GPT``'s weights in the per-head model's layout (the inverse)."""
     config: GPTConfig = fused.config  # type: ignore[assignment]
     sd = fused.state_dict()
-    out = {seed: sd[name] for name, seed in _shared_names(config.n_layer)}
+    out = {lecture: sd[name] for name, lecture in _shared_names(config.n_layer)}
     hs = config.head_size
     for i in range(config.n_layer):
         thirds = sd[f"blocks.{i}.attn.qkv.weight"].split(config.n_embd)
