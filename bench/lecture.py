@@ -110,8 +110,8 @@ _SHARED_BLOCK_PARAMS = [
     ("attn.proj", "sa.proj"),
     ("ln1", "ln1"),
     ("ln2", "ln2"),
-    ("ffwd.net.0", "ffwd.net.0"),
-    ("ffwd.net.2", "ffwd.net.2"),
+    ("ffwd.fc", "ffwd.net.0"),
+    ("ffwd.proj", "ffwd.net.2"),
 ]
 _SHARED_PARAMS = [
     ("token_embedding.weight", "token_embedding_table.weight"),

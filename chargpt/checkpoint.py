@@ -31,7 +31,11 @@ import torch
 from chargpt.model import GPT, GPTConfig
 from chargpt.tokenizer import CharTokenizer
 
-FORMAT = "chargpt-checkpoint/1"
+FORMAT = "chargpt-checkpoint/2"
+# Version 1 (chargpt 0.1): the lecture's model only, its feed-forward stored as ``nn.Sequential``
+# entries. Its files still load; their tensors are renamed on the way in.
+FORMAT_V1 = "chargpt-checkpoint/1"
+_V1_RENAMES = ((".ffwd.net.0.", ".ffwd.fc."), (".ffwd.net.2.", ".ffwd.proj."))
 
 
 class CheckpointError(Exception):
@@ -72,12 +76,17 @@ class CheckpointInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> CheckpointInfo:
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in (FORMAT, FORMAT_V1):
             raise CheckpointError(
                 f"unsupported checkpoint format {meta.get('format')!r}; expected {FORMAT!r}"
             )
         try:
-            config = GPTConfig(**json.loads(meta["config"]))
+            config = GPTConfig.from_dict(json.loads(meta["config"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint describes a model this version cannot build: {exc}"
+            ) from exc
+        try:
             return cls(
                 config=config,
                 vocab=tuple(json.loads(meta["vocab"])),
@@ -184,12 +193,20 @@ def read_checkpoint(data: bytes) -> tuple[dict[str, torch.Tensor], CheckpointInf
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"cannot decode tensors: {exc}") from exc
+    if meta.get("format") == FORMAT_V1:
+        tensors = {_v1_name(name): tensor for name, tensor in tensors.items()}
     if len(info.vocab) != info.config.vocab_size:
         raise CheckpointError(
             f"vocabulary has {len(info.vocab)} characters but the model expects "
             f"{info.config.vocab_size}"
         )
     return tensors, info
+
+
+def _v1_name(name: str) -> str:
+    for old, new in _V1_RENAMES:
+        name = name.replace(old, new)
+    return name
 
 
 def load_checkpoint(

@@ -101,8 +101,6 @@ def sample(
     Uses the reference generation (crop to block_size, full forward per character), so
     its output is what the server must reproduce.
     """
-    import torch
-
     from chargpt.checkpoint import CheckpointError, load_checkpoint
     from chargpt.model import reference_generate
     from chargpt.runtime import resolve_device
@@ -115,8 +113,8 @@ def sample(
         params = SamplingParams(temperature, top_k, top_p)
     except (CheckpointError, UnknownCharactersError, ValueError) as exc:
         raise InputError(f"{exc}") from None
-    generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
-    new = reference_generate(loaded.model, ids, max_new_tokens, params, generator)
+    seed = seed if seed is not None else random.getrandbits(63)
+    new = reference_generate(loaded.model, ids, max_new_tokens, params, seed)
     click.echo(loaded.tokenizer.decode(new), nl=False)
     if sys.stdout.isatty():
         click.echo()

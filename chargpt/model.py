@@ -1,150 +1,366 @@
-"""The character-level GPT of Karpathy's "Let's build GPT" lecture.
+"""The character-level GPT: the lecture's model, and the options modern small models use.
 
-Token embedding + learned position embedding, ``n_layer`` pre-LayerNorm blocks of
-multi-head causal self-attention and a 4x ReLU feed-forward, a final LayerNorm and a
-linear head. Dropout sits where the lecture puts it: on the attention weights, after the
-attention projection, after the feed-forward and after the embeddings.
+The default is exactly the model of Karpathy's "Let's build GPT" lecture: token embedding +
+learned position embedding, ``n_layer`` pre-LayerNorm blocks of multi-head causal
+self-attention and a 4x ReLU feed-forward, a final LayerNorm and a linear head, N(0, 0.02)
+initialisation, dropout on the attention weights, after the attention projection, after
+the feed-forward and after the embeddings. The per-head key/query/value projections are
+fused into one ``(3 * n_embd, n_embd)`` matrix (head ``h`` is rows ``h * head_size :
+(h + 1) * head_size`` of each of the q, k and v thirds), so the lecture's weights map onto
+it exactly (``bench/lecture.py``, ``tests/test_model.py``).
 
-The only departure from the lecture is mechanical: the per-head key/query/value
-projections are fused into one ``(n_embd, 3 * n_embd)`` matrix and attention runs through
-``scaled_dot_product_attention``. Head ``h`` of the fused layout is rows
-``h * head_size : (h + 1) * head_size`` of each of the q, k and v thirds, so a per-head
-model's weights map onto it exactly (``tests/test_model.py`` checks this).
+Options (``GPTConfig`` fields, stored in every checkpoint): rotary positions instead of a
+position table, RMSNorm, squared-ReLU or GELU, QK-norm, tied embeddings, no biases, logit
+soft-capping, and sliding-window attention.
+
+Two meanings of "the model's context", both exact:
+
+- No ``attention_window`` (the lecture's): the model sees the last ``block_size``
+  characters. ``reference_generate`` crops the text to them and runs them from position 0;
+  once a text is longer than the block, every new character needs that whole window again.
+- ``attention_window`` W (rotary positions only): the text of any length is one causal
+  forward in which every position attends to itself and the W - 1 before it, at every
+  layer. Since rotary attention depends only on relative positions, keys and values once
+  computed stay valid, so decoding keeps the last W of them per layer and appends one
+  position per step (``server/decoder.py``), never recomputing anything.
+
+``GPT.forward(idx, targets=None, kv_cache=None)`` serves training, sampling and scoring
+alike: with a ``KVCache`` the new positions attend to the cached ones as well.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chargpt.sampling import SamplingParams, sample_token
+from chargpt.sampling import SamplingParams, sample_next
+
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("relu", "relu2", "gelu")
+ROPE_BASE = 10_000.0
 
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Hyperparameters that define the architecture (the seed's defaults)."""
+    """The architecture. Defaults are the lecture's (except ``vocab_size``, from the data)."""
 
     vocab_size: int
-    block_size: int = 32
+    block_size: int = 32  # training sequence length; also the context without a window
     n_embd: int = 64
     n_head: int = 4
     n_layer: int = 8
     dropout: float = 0.0
+    position: str = "learned"  # "learned" table of block_size positions, or "rope"
+    norm: str = "layernorm"
+    activation: str = "relu"  # relu, relu2 (squared ReLU) or gelu
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
+    tie_embeddings: bool = False  # the head is the token embedding (and has no bias)
+    bias: bool = True  # biases in linear layers and LayerNorms
+    logit_softcap: float = 0.0  # 0 = off; else C * tanh(logits / C)
+    attention_window: int = 0  # 0 = off; else each position sees itself and W - 1 before it
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("attention_window", self.attention_window, minimum=0)
+        for name in ("qk_norm", "tie_embeddings", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, choices in (
+            ("position", POSITIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
+        ):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not (
+            isinstance(self.logit_softcap, (int, float))
+            and math.isfinite(self.logit_softcap)
+            and self.logit_softcap >= 0
+        ):
+            raise ValueError(
+                f"logit_softcap must be a finite number >= 0, got {self.logit_softcap}"
+            )
+        if self.position == "rope" and self.head_size % 2:
+            raise ValueError(
+                f"position rope needs an even head size, but n_embd / n_head = {self.head_size}"
+            )
+        if self.attention_window:
+            if self.position != "rope":
+                raise ValueError(
+                    "attention_window needs position rope (with learned positions a sliding "
+                    "window would change every position)"
+                )
+            if self.attention_window > self.block_size:
+                raise ValueError(
+                    f"attention_window ({self.attention_window}) must not exceed block_size "
+                    f"({self.block_size}), the training sequence length"
+                )
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
-    def to_dict(self) -> dict[str, int | float]:
+    @property
+    def context(self) -> int:
+        """Positions each position attends to: the window, else the whole block."""
+        return self.attention_window or self.block_size
+
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        """The inverse of ``to_dict``; an option this version does not know is refused by
+        name (a checkpoint from a newer chargpt), missing options take their defaults (a
+        checkpoint from an older one)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                "(written by a newer chargpt?)"
+            )
+        return cls(**values)
 
-class CausalSelfAttention(nn.Module):
+    def describe(self) -> str:
+        """One line for people: ``chargpt info``, ``GetModelInfo``."""
+        parts = [
+            f"{self.n_layer} layers, {self.n_head} heads, {self.n_embd}-wide",
+            "rotary positions" if self.position == "rope" else "learned positions",
+            f"sliding window {self.attention_window}" if self.attention_window else "",
+            "pre-RMSNorm" if self.norm == "rmsnorm" else "pre-LayerNorm",
+            {"relu": "ReLU", "relu2": "squared-ReLU", "gelu": "GELU"}[self.activation] + " MLP",
+            "QK-norm" if self.qk_norm else "",
+            "tied embeddings" if self.tie_embeddings else "",
+            "" if self.bias else "no biases",
+            f"logit soft-cap {self.logit_softcap:g}" if self.logit_softcap else "",
+        ]
+        return "decoder-only transformer: " + ", ".join(p for p in parts if p)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+class KVCache(Protocol):
+    """Keys and values of earlier positions, for a forward over the next positions of each
+    row (``server/decoder.py`` keeps them in cache slots; tests keep them in lists)."""
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, T) absolute position of each new character."""
+        ...
+
+    @property
+    def key_positions(self) -> torch.Tensor:
+        """(B, S) position of each key ``update`` returns; -1 for an empty entry."""
+        ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store this layer's new keys and values (B, H, T, hs); return the keys and values
+        (B, H, S, hs) to attend over, in ``key_positions`` order."""
+        ...
+
+
+class Norm(nn.Module):
+    """LayerNorm (bias optional) or RMSNorm, called functionally by the blocks."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.proj_dropout = nn.Dropout(config.dropout)
-
-    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project ``x`` (B, T, C) to q, k, v, each (B, n_head, T, head_size)."""
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
-
-    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, n_head, T, head_size) -> projected (B, T, C)."""
-        B, _, T, _ = y.shape
-        return self.proj_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
+        self.rms = config.norm == "rmsnorm"
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        use_bias = config.bias and not self.rms
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if use_bias else None
+        self.shape = (config.n_embd,)
+        self.eps = 1e-5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_heads(x)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.merge_heads(y)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.ReLU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.rms:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    Its parameters live in small containers whose names make the checkpoint's tensor
+    names; ``forward`` calls the functional ops on them directly, which keeps the
+    per-module call overhead out of batch-1 decoding (a fifth of a decode step once).
+    """
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.n_embd)
-        self.ffwd = FeedForward(config)
+        C = config.n_embd
+        self.config = config
+        self.ln1 = Norm(config)
+        self.attn = nn.ModuleDict(
+            {"qkv": nn.Linear(C, 3 * C, bias=False), "proj": nn.Linear(C, C, bias=config.bias)}
+        )
+        self.ln2 = Norm(config)
+        self.ffwd = nn.ModuleDict(
+            {
+                "fc": nn.Linear(C, 4 * C, bias=config.bias),
+                "proj": nn.Linear(4 * C, C, bias=config.bias),
+            }
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.ffwd(self.ln2(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """``x`` (B, T, C). ``mask`` (broadcastable to (B, H, T, S), True = visible) or None
+        for plain causal attention. ``last_only``: only the last position's output is
+        needed; the block returns (B, 1, C) (its keys and values still come from every
+        position)."""
+        c, training = self.config, self.training
+        B, T, C = x.shape
+        qkv = F.linear(self.ln1(x), self.attn.qkv.weight).view(B, T, 3, c.n_head, c.head_size)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hs)
+        if c.qk_norm:
+            q, k = F.rms_norm(q, (c.head_size,)), F.rms_norm(k, (c.head_size,))
+        if rotary is not None:
+            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        if last_only:
+            x, q, T = x[:, -1:], q[:, :, -1:], 1
+            mask = None if mask is None else mask[..., -1:, :]
+        dropout = c.dropout if training else 0.0
+        # Without a mask: causal over T queries, or one last query that sees every key.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1
+        )
+        y = F.linear(y.transpose(1, 2).reshape(B, T, C), self.attn.proj.weight, self.attn.proj.bias)
+        x = x + (F.dropout(y, dropout, training) if dropout else y)
+        h = F.linear(self.ln2(x), self.ffwd.fc.weight, self.ffwd.fc.bias)
+        h = F.linear(_activate(h, c.activation), self.ffwd.proj.weight, self.ffwd.proj.bias)
+        return x + (F.dropout(h, dropout, training) if dropout else h)
+
+
+def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.relu(h)
+    if activation == "relu2":
+        return torch.relu(h).square()
+    return F.gelu(h)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: rotate each pair (x[i], x[i + hs/2]) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
-        self.embedding_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.config = c = config
+        self.token_embedding = nn.Embedding(c.vocab_size, c.n_embd)
+        self.position_embedding = (
+            nn.Embedding(c.block_size, c.n_embd) if c.position == "learned" else None
+        )
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = Norm(c)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
+        # Rotary frequencies in float64: angles of positions far past the block stay exact.
+        inv_freq = ROPE_BASE ** -(
+            torch.arange(0, c.head_size, 2, dtype=torch.float64) / c.head_size
+        )
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.apply(_init_weights)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Token plus position embeddings for positions ``start_pos .. start_pos + T``."""
-        T = idx.shape[1]
-        if start_pos + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start_pos + T} positions exceeds block_size {self.config.block_size}"
-            )
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
-        return self.embedding_dropout(self.token_embedding(idx) + self.position_embedding(pos))
-
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids ``idx`` (B, T); mean cross-entropy if ``targets``."""
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T); mean cross-entropy if
+        ``targets``.
+
+        Without ``kv_cache`` the characters are positions 0 .. T-1 (T at most
+        ``block_size`` with learned positions; any T with an attention window). With it,
+        they follow the cached positions. ``last_only``: logits of the last position only,
+        (B, 1, vocab), all that decoding needs; the last block then skips its attention
+        output and MLP everywhere else.
+        """
+        c = self.config
+        if kv_cache is None:
+            length = idx.shape[1]
+            if c.position == "learned" and length > c.block_size:
+                raise ValueError(
+                    f"sequence of {length} positions exceeds block_size {c.block_size}"
+                )
+            positions = torch.arange(length, device=idx.device)
+            mask = _band(positions, positions, c.attention_window) if c.attention_window else None
+        else:
+            positions = kv_cache.positions
+            mask = _visible(positions, kv_cache.key_positions, c.attention_window)
+        x = self.token_embedding(idx)
+        rotary = None
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
+        else:
+            angles = positions.to(torch.float64).unsqueeze(-1) * self.rope_inv_freq
+            rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+            if rotary[0].dim() == 3:  # per-row positions (B, T, hs/2): broadcast over heads
+                rotary = (rotary[0].unsqueeze(1), rotary[1].unsqueeze(1))
+        if self.training and c.dropout:
+            x = F.dropout(x, c.dropout, True)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, mask, kv_cache, i, last_only and i == last)
+        logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            logits = F.linear(x, self.token_embedding.weight)
+        else:
+            logits = F.linear(x, self.lm_head.weight, self.lm_head.bias)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def _band(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """(T, S) True where a query at ``query_pos`` sees a key at ``key_pos``: causal, and
+    within ``window`` positions (itself and window - 1 before it)."""
+    delta = query_pos.unsqueeze(-1) - key_pos.unsqueeze(-2)
+    return (delta >= 0) & (delta < window)
+
+
+def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, 1, T, S) attention mask for cached keys (``key_pos`` -1: an empty entry)."""
+    delta = query_pos.unsqueeze(-1) - key_pos.unsqueeze(-2)
+    visible = (delta >= 0) & (key_pos >= 0).unsqueeze(-2)
+    if window:
+        visible &= delta < window
+    return visible.unsqueeze(1)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -156,23 +372,32 @@ def _init_weights(module: nn.Module) -> None:
 
 
 @torch.inference_mode()
+def reference_logits(model: GPT, ids: list[int]) -> torch.Tensor:
+    """Logits (vocab,) for the character after ``ids``, computed the obvious way: the
+    lecture's crop to the last ``block_size`` characters, or, with an attention window,
+    one banded forward over the whole text."""
+    c = model.config
+    context = ids if c.attention_window else ids[-c.block_size :]
+    device = next(model.parameters()).device
+    logits, _ = model(torch.tensor([context], device=device))
+    return logits[0, -1].float().cpu()
+
+
 def reference_generate(
     model: GPT,
     prompt: list[int],
     max_new_tokens: int,
     params: SamplingParams = SamplingParams(),
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> list[int]:
-    """The seed's ``generate``: crop the context to the last ``block_size`` tokens, run the
-    whole window, sample the next token from the last position. Returns the new tokens.
+    """The new tokens after ``prompt``, one full forward per character
+    (``reference_logits``), sampled with ``seed`` by the function the server uses.
 
     Deliberately naive (no cache, no batching): it is the semantics that every faster path
-    in this project is tested against. Sampling happens on the CPU with ``generator``.
+    in this project is tested against.
     """
-    device = next(model.parameters()).device
     ids = list(prompt)
-    for _ in range(max_new_tokens):
-        context = torch.tensor([ids[-model.config.block_size :]], device=device)
-        logits, _ = model(context)
-        ids.append(sample_token(logits[0, -1].float().cpu(), params, generator))
+    for index in range(max_new_tokens):
+        logits = reference_logits(model, ids)
+        ids.append(sample_next(logits, params, seed, index))
     return ids[len(prompt) :]

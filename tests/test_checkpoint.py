@@ -62,7 +62,7 @@ def test_metadata_is_readable_by_plain_safetensors(saved: tuple[Path, GPT]) -> N
     path, _ = saved
     with safetensors.safe_open(path, "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "chargpt-checkpoint/1"
+    assert meta["format"] == "chargpt-checkpoint/2"
     assert json.loads(meta["config"])["n_layer"] == 2
 
 

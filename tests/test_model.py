@@ -88,8 +88,8 @@ def test_reference_generate_crops_to_block_size() -> None:
 def test_reference_generate_is_reproducible_with_a_seed() -> None:
     model = GPT(CONFIG).eval()
     params = SamplingParams(temperature=1.0)
-    a = reference_generate(model, [0], 30, params, torch.Generator().manual_seed(7))
-    b = reference_generate(model, [0], 30, params, torch.Generator().manual_seed(7))
-    c = reference_generate(model, [0], 30, params, torch.Generator().manual_seed(8))
+    a = reference_generate(model, [0], 30, params, seed=7)
+    b = reference_generate(model, [0], 30, params, seed=7)
+    c = reference_generate(model, [0], 30, params, seed=8)
     assert a == b
     assert a != c

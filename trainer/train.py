@@ -295,9 +295,7 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
 def sample_from(checkpoint: Path, cfg: TrainConfig) -> str:
     """``cfg.sample_length`` characters from the published model, seeded, from token 0."""
     served = load_checkpoint(checkpoint, resolve_device(cfg.device))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    params = SamplingParams()
-    new = reference_generate(served.model, [0], cfg.sample_length, params, generator)
+    new = reference_generate(served.model, [0], cfg.sample_length, SamplingParams(), cfg.seed)
     return served.tokenizer.decode(new)
 
 
