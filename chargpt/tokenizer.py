@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+MAX_NAMED_CHARACTERS = 20
+
 
 class UnknownCharactersError(ValueError):
-    """Text holds characters outside the vocabulary."""
+    """Text holds characters outside the vocabulary. The message names the first
+    ``MAX_NAMED_CHARACTERS`` of them with up to 10 positions each, so it stays short
+    whatever the text."""
 
     def __init__(self, positions: dict[str, list[int]]) -> None:
         self.positions = positions
-        shown = "; ".join(f"{ch!r} at {_format_positions(pos)}" for ch, pos in positions.items())
+        named = list(positions.items())[:MAX_NAMED_CHARACTERS]
+        shown = "; ".join(f"{ch!r} at {_format_positions(pos)}" for ch, pos in named)
+        if len(positions) > len(named):
+            shown += f"; ... and {len(positions) - len(named)} more distinct characters"
         super().__init__(f"characters not in the vocabulary: {shown}")
 
 

@@ -22,15 +22,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
-from chargpt.v1 import language_model_pb2 as pb
-from chargpt.v1 import language_model_pb2_grpc as pb_grpc
-from server.engine import Engine, Event, Generation, ServedModel, deliver_directly
+from server.engine import Engine, ServedModel, deliver_directly
 from server.metrics import ServerMetrics
 from server.model_loader import ModelWatcher
-from server.service import LanguageModelService, Limits
+from server.requests import Event, Generation
+from server.service import SERVICE_NAME, LanguageModelService
+from server.validation import Limits
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LanguageModel"].full_name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 T = TypeVar("T")
 
@@ -48,6 +47,15 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     reload_seconds: float = 1.0
     drain_seconds: float = 10.0
+    max_message_bytes: int = 0  # 0: derived from the limits (see receive_limit)
+
+    def receive_limit(self) -> int:
+        """The largest request message gRPC will read. Four times the largest valid
+        request and at least 16 MiB, so that a request too long by any plausible margin is
+        still read and refused with INVALID_ARGUMENT naming its field; beyond it, gRPC
+        itself answers RESOURCE_EXHAUSTED without reading further."""
+        derived = max(16 * 1024 * 1024, 4 * self.limits.largest_request_bytes())
+        return self.max_message_bytes or derived
 
 
 def resolve_dtype(device: torch.device, name: str) -> torch.dtype:
@@ -101,8 +109,9 @@ class InferenceServer:
         # Streams wait on the engine, not on threads, so the limit is just a backstop
         # above the engine's own admission control.
         limit = self.config.max_running + self.config.max_waiting + 64
-        server = grpc.aio.server(maximum_concurrent_rpcs=limit)
-        pb_grpc.add_LanguageModelServicer_to_server(self.service, server)
+        options = [("grpc.max_receive_message_length", self.config.receive_limit())]
+        server = grpc.aio.server(maximum_concurrent_rpcs=limit, options=options)
+        server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -11,7 +11,7 @@ import click
 
 from chargpt.settings import InputError, LayeredCommand, config_option, option
 from server.app import DTYPES, InferenceServer, ServerConfig, run_until_signalled
-from server.service import Limits
+from server.validation import Limits
 
 LIMITS = Limits()
 POSITIVE = click.IntRange(min=1)
@@ -88,6 +88,13 @@ POSITIVE = click.IntRange(min=1)
     help="Longest context + text a Score request may send.",
 )
 @option(
+    "--max-message-bytes",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Largest request message read (0 = derived: 4x the largest valid request, at "
+    "least 16 MiB); larger ones get gRPC's own RESOURCE_EXHAUSTED.",
+)
+@option(
     "--reload-seconds",
     type=click.FloatRange(min=0.05),
     default=1.0,
@@ -122,6 +129,7 @@ def serve(
     max_stop_sequences: int,
     max_stop_chars: int,
     max_score_chars: int,
+    max_message_bytes: int,
     reload_seconds: float,
     drain_seconds: float,
     log_level: str,
@@ -148,6 +156,7 @@ def serve(
         checkpoint=Path(checkpoint), host=host, port=port, metrics_port=metrics_port,
         device=device, dtype=dtype, max_running=max_running, max_waiting=max_waiting,
         limits=limits, reload_seconds=reload_seconds, drain_seconds=drain_seconds,
+        max_message_bytes=max_message_bytes,
     )  # fmt: skip
     try:
         server = InferenceServer(server_config)

@@ -1,156 +1,263 @@
-"""Batched forward passes for serving, over a loaded ``chargpt.model.GPT``'s weights.
+"""Serving one loaded model: cache slots, packing rows, and choosing for each row whether
+it appends to its KV cache or recomputes a window. The transformer itself is
+``chargpt.model.GPT.forward``; this module only feeds it.
 
-The served semantics are the seed's: the model sees the last ``block_size`` characters,
-and the next character comes from the last position (``reference_generate``). Two exact
-ways to get those logits for many rows at once:
+A sequence's keys and values live in a cache slot: per layer, ``context`` positions
+(the attention window, or the block without one), position p at index p % context.
 
-- ``forward_windows``: run each row's window (right-padded to the longest; causal
-  attention never lets a real position see padding) and compute the final layer only at
-  each row's last real position. Optionally stores the rows' keys and values in the KV
-  cache. Once a context is longer than ``block_size`` every step must do this: with
-  learned absolute positions, sliding the window changes every position, so nothing is
-  left to cache.
-- ``forward_cached``: for rows whose whole context still fits the window, embed only the
-  newest character and attend over the cached keys and values of the earlier ones.
+- A windowed model (rotary positions, ``attention_window`` W) keeps every sequence in its
+  slot for good: each step appends one position and overwrites the one that just left
+  the window. Nothing is ever recomputed, at any length.
+- A model without a window (the lecture's crop semantics) uses its slot while the text
+  still fits the block. Once it is longer, the window slides, every position changes, and
+  each step recomputes the last ``block_size`` characters from position 0: all such rows
+  have exactly ``block_size`` tokens, so they batch without padding.
 
-The block math is the model's, written with functional calls on the model's own
-parameter tensors (no copies): at batch 1 the ``nn.Module`` call overhead was a fifth of
-a decode step. Tests pin both paths to the model's forward and to ``reference_generate``.
+Slots are kept compact (0 .. n-1 in use): a released slot takes the last one's contents,
+so a decode step over every cached sequence attends to a view of the cache, not a copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from chargpt.model import GPT, Block
+from chargpt.model import GPT
+
+if TYPE_CHECKING:
+    from server.requests import ScoreJob
 
 
-class KVCache:
-    """Keys and values of ``slots`` rows: per layer, (slots, n_head, block_size, head_size)."""
+class Tokens(Protocol):
+    """A sequence as the decoder sees it: an id and its tokens so far."""
+
+    id: int
+    tokens: list[int]
+
+
+class SlotCache:
+    """Keys and values of up to ``slots`` sequences, and the position in each entry."""
 
     def __init__(self, model: GPT, slots: int) -> None:
         c = model.config
         param = next(model.parameters())
-        shape = (c.n_layer, slots, c.n_head, c.block_size, c.head_size)
+        self.width = c.context
+        shape = (c.n_layer, slots, c.n_head, self.width, c.head_size)
         self.keys = torch.zeros(shape, dtype=param.dtype, device=param.device)
         self.values = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        self.free = list(range(slots - 1, -1, -1))
+        self.positions = torch.full((slots, self.width), -1, device=param.device)
+        self.owners: list[int] = []  # owners[slot]: the sequence in it
 
-    def allocate(self) -> int | None:
-        return self.free.pop() if self.free else None
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
 
-    def release(self, slot: int) -> None:
-        self.free.append(slot)
+    def allocate(self, owner: int) -> int | None:
+        if len(self.owners) == self.capacity:
+            return None
+        self.owners.append(owner)
+        slot = len(self.owners) - 1
+        self.positions[slot] = -1
+        return slot
+
+    def release(self, slot: int) -> int | None:
+        """Free ``slot``; the last slot's contents move into it. Returns the moved owner."""
+        last = len(self.owners) - 1
+        moved = None
+        if slot != last:
+            self.keys[:, slot] = self.keys[:, last]
+            self.values[:, slot] = self.values[:, last]
+            self.positions[slot] = self.positions[last]
+            moved = self.owners[slot] = self.owners[last]
+        self.owners.pop()
+        return moved
 
 
-@dataclass(frozen=True)
-class _Layer:
-    """One block's parameters (the model's own tensors)."""
+class DecodeView:
+    """``chargpt.model.KVCache`` for one new position in each of B slots: the new keys and
+    values are written first, then every row attends over its whole slot."""
 
-    ln1: tuple[torch.Tensor, torch.Tensor]
-    qkv: torch.Tensor
-    proj: tuple[torch.Tensor, torch.Tensor]
-    ln2: tuple[torch.Tensor, torch.Tensor]
-    fc: tuple[torch.Tensor, torch.Tensor]
-    out: tuple[torch.Tensor, torch.Tensor]
+    def __init__(self, cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cache = cache
+        self.slots = slots
+        self.columns = positions % cache.width
+        cache.positions[slots, self.columns] = positions
+        self.positions = positions[:, None]
+        # Slots 0 .. B-1 in order: attend to a view of the cache, no copy.
+        self.contiguous = bool(torch.equal(slots, torch.arange(len(slots), device=slots.device)))
+        self.key_positions = self._rows(cache.positions)
 
-    @classmethod
-    def of(cls, block: Block) -> _Layer:
-        fc, out = block.ffwd.net[0], block.ffwd.net[2]
-        return cls(
-            (block.ln1.weight, block.ln1.bias),
-            block.attn.qkv.weight,
-            (block.attn.proj.weight, block.attn.proj.bias),
-            (block.ln2.weight, block.ln2.bias),
-            (fc.weight, fc.bias),
-            (out.weight, out.bias),
-        )
+    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[: len(self.slots)] if self.contiguous else tensor[self.slots]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.slots, :, self.columns] = k[:, :, 0]
+        values[self.slots, :, self.columns] = v[:, :, 0]
+        return self._rows(keys), self._rows(values)
+
+
+class ChunkView:
+    """``chargpt.model.KVCache`` for ``count`` new positions of one slot: they attend to
+    what the slot held plus each other, and the last ``width`` of them are stored."""
+
+    def __init__(self, cache: SlotCache, slot: int, start: int, count: int) -> None:
+        self.cache, self.slot = cache, slot
+        device = cache.positions.device
+        self.positions = torch.arange(start, start + count, device=device)[None]
+        self.key_positions = torch.cat((cache.positions[slot], self.positions[0]))[None]
+        kept = self.positions[0, -cache.width :]
+        self.columns = kept % cache.width
+        self.kept = len(kept)
+        cache.positions[slot, self.columns] = kept
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        old = self.slot, slice(self.slot, self.slot + 1)
+        out = (torch.cat((keys[old[1]], k), dim=2), torch.cat((values[old[1]], v), dim=2))
+        keys[self.slot, :, self.columns] = k[0, :, -self.kept :]
+        values[self.slot, :, self.columns] = v[0, :, -self.kept :]
+        return out
 
 
 class Decoder:
     """The serving forward passes of one loaded model (inference only)."""
 
-    def __init__(self, model: GPT, cache_slots: int) -> None:
+    def __init__(self, model: GPT, slots: int) -> None:
         self.model = model
-        self.config = c = model.config
+        self.config = model.config
         self.device = next(model.parameters()).device
-        self.cache = KVCache(model, cache_slots)
-        self.layers = [_Layer.of(block) for block in model.blocks]
-        self._shape = (c.n_embd,)
-        self._eps = model.ln_f.eps
+        self.cache = SlotCache(model, slots)
+        self.slot_of: dict[int, int] = {}
+        self.cached: dict[int, int] = {}  # sequence id -> positions processed into its slot
+        self._score_caches: dict[int, tuple[SlotCache, int]] = {}
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Pre-LayerNorm q, k, v of ``x`` (B, T, C), each (B, n_head, T, head_size)."""
-        B, T, _ = x.shape
-        h = F.layer_norm(x, self._shape, *layer.ln1, self._eps)
-        qkv = F.linear(h, layer.qkv).view(B, T, 3, self.config.n_head, self.config.head_size)
-        return tuple(qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    # ---- sequences -------------------------------------------------------------------
 
-    def _finish_block(self, layer: _Layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Residual attention output ``y`` (B, n_head, T, hs), then the residual MLP."""
-        B, _, T, _ = y.shape
-        x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), *layer.proj)
-        h = F.layer_norm(x, self._shape, *layer.ln2, self._eps)
-        return x + F.linear(torch.relu(F.linear(h, *layer.fc)), *layer.out)
+    def start(self, seq: Tokens) -> None:
+        """Take a slot for a new sequence if it will decode from the cache."""
+        if self.config.attention_window or len(seq.tokens) <= self.config.block_size:
+            slot = self.cache.allocate(seq.id)
+            if slot is None:
+                raise RuntimeError("no free cache slot (more sequences than --max-running)")
+            self.slot_of[seq.id] = slot
+            self.cached[seq.id] = 0
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        h = F.layer_norm(x, self._shape, model.ln_f.weight, model.ln_f.bias, self._eps)
-        return F.linear(h, model.lm_head.weight, model.lm_head.bias)
+    def release(self, seq_id: int) -> None:
+        slot = self.slot_of.pop(seq_id, None)
+        self.cached.pop(seq_id, None)
+        if slot is not None:
+            moved = self.cache.release(slot)
+            if moved is not None:
+                self.slot_of[moved] = slot
 
-    @torch.inference_mode()
-    def forward_windows(
-        self,
-        windows: list[list[int]],
-        cache_slots: list[int | None] | None = None,
-    ) -> torch.Tensor:
-        """Logits (rows, vocab) for the character after each window (each at most
-        ``block_size`` ids). Rows with a cache slot also store their keys and values."""
-        model = self.model
-        T = max(len(w) for w in windows)
-        ids = torch.tensor([w + [0] * (T - len(w)) for w in windows], device=self.device)
-        lengths = [len(w) for w in windows]
-        last = torch.tensor(lengths, device=self.device) - 1
-        rows = torch.arange(len(windows), device=self.device)
-        fill = [(row, slot) for row, slot in enumerate(cache_slots or []) if slot is not None]
-        x = model.token_embedding.weight[ids] + model.position_embedding.weight[:T]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x)
-            for row, slot in fill:
-                n = lengths[row]
-                self.cache.keys[i, slot, :, :n] = k[row, :, :n]
-                self.cache.values[i, slot, :, :n] = v[row, :, :n]
-            if i < len(self.layers) - 1:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                x = self._finish_block(layer, x, y)
-            else:  # only each row's last real position matters from here on
-                visible = torch.arange(T, device=self.device) <= last[:, None]
-                q_last = q[rows, :, last].unsqueeze(2)  # (B, H, 1, hs)
-                y = F.scaled_dot_product_attention(q_last, k, v, attn_mask=visible[:, None, None])
-                x = self._finish_block(layer, x[rows, last].unsqueeze(1), y)
-        return self._logits(x[:, 0])
+    def pending(self, seq: Tokens) -> int:
+        """Positions to process before ``seq`` can decode its next character one position
+        at a time: 0 for a sequence that recomputes windows."""
+        if seq.id not in self.slot_of:
+            return 0
+        pending = len(seq.tokens) - self.cached[seq.id]
+        return 0 if pending == 1 else pending
+
+    def cost(self, seq: Tokens) -> int:
+        """Positions one decode step of ``seq`` computes."""
+        return 1 if seq.id in self.slot_of else self.config.block_size
+
+    # ---- forward passes --------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward_cached(
-        self, tokens: list[int], positions: list[int], slots: list[int]
-    ) -> torch.Tensor:
-        """Logits (rows, vocab) after appending ``tokens[i]`` at ``positions[i]`` to the
-        cached context in ``slots[i]`` (which must hold positions ``0 .. positions[i]-1``)."""
-        model = self.model
-        tok = torch.tensor(tokens, device=self.device)
-        pos = torch.tensor(positions, device=self.device)
-        slot = torch.tensor(slots, device=self.device)
-        x = (model.token_embedding.weight[tok] + model.position_embedding.weight[pos])[:, None]
-        visible = torch.arange(self.config.block_size, device=self.device) <= pos[:, None]
-        mask = visible[:, None, None, :]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x)  # each (B, H, 1, hs)
-            keys, values = self.cache.keys[i], self.cache.values[i]
-            keys[slot, :, pos] = k[:, :, 0]
-            values[slot, :, pos] = v[:, :, 0]
-            y = F.scaled_dot_product_attention(q, keys[slot], values[slot], attn_mask=mask)
-            x = self._finish_block(layer, x, y)
-        return self._logits(x[:, 0])
+    def prefill(self, seq: Tokens, budget: int) -> torch.Tensor | None:
+        """Process up to ``budget`` of ``seq``'s pending positions into its slot; once
+        the last is done, the logits (vocab,) for the character after it."""
+        start = self.cached[seq.id]
+        end = min(len(seq.tokens), start + max(1, budget))
+        view = ChunkView(self.cache, self.slot_of[seq.id], start, end - start)
+        logits = self._forward(seq.tokens[start:end], view, last_only=True)
+        self.cached[seq.id] = end
+        return logits[-1] if end == len(seq.tokens) else None
+
+    @torch.inference_mode()
+    def decode(self, seqs: Sequence[Tokens]) -> torch.Tensor:
+        """Logits (len(seqs), vocab) for the character after each sequence, whose newest
+        token is the only one not yet processed."""
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        cached, windows = [], []
+        crop = not self.config.attention_window
+        for i, seq in enumerate(seqs):
+            if crop and seq.id in self.slot_of and len(seq.tokens) > self.config.block_size:
+                self.release(seq.id)  # the text outgrew the block: windows from now on
+            (cached if seq.id in self.slot_of else windows).append(i)
+        if cached:
+            logits = self._decode_cached([seqs[i] for i in cached])
+            for j, i in enumerate(cached):
+                out[i] = logits[j]
+        if windows:
+            block = self.config.block_size
+            ids = torch.tensor([seqs[i].tokens[-block:] for i in windows], device=self.device)
+            logits, _ = self.model(ids, last_only=True)
+            for j, i in enumerate(windows):
+                out[i] = logits[j, -1]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _decode_cached(self, seqs: list[Tokens]) -> torch.Tensor:
+        slots = torch.tensor([self.slot_of[s.id] for s in seqs], device=self.device)
+        order = torch.argsort(slots)
+        positions = torch.tensor([len(s.tokens) - 1 for s in seqs], device=self.device)
+        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
+        view = DecodeView(self.cache, slots[order], positions[order])
+        logits, _ = self.model(tokens[order, None], kv_cache=view)
+        for s in seqs:
+            self.cached[s.id] = len(s.tokens)
+        return logits[torch.argsort(order), -1]
+
+    def _forward(self, ids: list[int], view: ChunkView, last_only: bool) -> torch.Tensor:
+        idx = torch.tensor([ids], device=self.device)
+        logits, _ = self.model(idx, kv_cache=view, last_only=last_only)
+        return logits[0]
+
+    # ---- scoring ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(self, job: ScoreJob, budget: int) -> list[float]:
+        """Log-probabilities of the next targets of ``job`` (each given everything before
+        it, under the model's semantics), computing about ``budget`` positions."""
+        ids, first, target = job.params.ids, job.params.first_target, job.next_target
+        if self.config.attention_window:
+            return self._score_through_cache(job.id, ids, first, budget)
+        block = self.config.block_size
+        if target <= block:  # targets whose window starts at 0: one causal forward
+            end = min(len(ids), block + 1)
+            logits, _ = self.model(torch.tensor([ids[: end - 1]], device=self.device))
+            log_probs = torch.log_softmax(logits[0].float(), dim=-1).cpu()
+            return [float(log_probs[i - 1, ids[i]]) for i in range(target, end)]
+        end = min(len(ids), target + max(1, budget // block))
+        windows = torch.tensor([ids[i - block : i] for i in range(target, end)])
+        logits, _ = self.model(windows.to(self.device), last_only=True)
+        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
+        return [float(log_probs[j, ids[i]]) for j, i in enumerate(range(target, end))]
+
+    def _score_through_cache(
+        self, job_id: int, ids: list[int], first_target: int, budget: int
+    ) -> list[float]:
+        """A windowed model: the next chunk of the text through the job's own one-slot
+        cache; logits at every position of it, kept for the targets past the context."""
+        if job_id not in self._score_caches:
+            cache = SlotCache(self.model, 1)
+            cache.allocate(job_id)
+            self._score_caches[job_id] = (cache, 0)
+        cache, start = self._score_caches[job_id]
+        end = min(len(ids) - 1, start + max(1, budget))  # targets start + 1 .. end
+        context_only = end < first_target
+        view = ChunkView(cache, 0, start, end - start)
+        logits = self._forward(ids[start:end], view, last_only=context_only)
+        self._score_caches[job_id] = (cache, end)
+        if context_only:
+            return []
+        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        targets = range(start + 1, end + 1)
+        return [float(log_probs[j, ids[i]]) for j, i in enumerate(targets) if i >= first_target]
+
+    def finish_score(self, job_id: int) -> None:
+        self._score_caches.pop(job_id, None)

@@ -1,38 +1,54 @@
-"""The batching engine: one scheduler thread owns the models and all compute.
+"""The batching engine: one scheduler loop owns the models and all compute.
 
 RPC handlers validate a request, ``submit`` it, and relay what the engine puts on the
-request's event queue. Between decode steps the loop drops cancelled and expiring
-requests, admits waiting ones (continuous batching: rows join and leave the running batch
-at every step), runs one slice of pending ``Score`` work, then decodes one character for
-every running generation. Each generation owns its random generator and samples from its
-own row of logits, so its text does not depend on its neighbours.
+request's event queue. Each iteration of the loop is three steps, in vLLM's shape:
 
-Each request is pinned to the model that was current when it was submitted; a hot reload
-changes what new requests get, never what a running generation uses.
+- ``schedule``: retire cancelled and expiring requests, admit waiting ones (continuous
+  batching: rows join and leave the running batch at every step), and share the
+  iteration's compute, counted in positions, between decoding (one position per cached
+  row, a window per row that recomputes one), prompt processing (chunked prefill) and a
+  slice of pending ``Score`` work, so that neither long prompts nor long Scores starve the
+  streams;
+- ``execute``: the forward passes, per served model (``server/decoder.py``);
+- ``update``: sample every row's next character in one vectorised draw, release
+  characters past stop-sequence hold-back, and finish what is done.
+
+A failure while computing or sampling a row ends that row's request alone. Each request
+is pinned to the model that was current when it was submitted; a hot reload changes what
+new requests get, never what a running generation uses.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from chargpt.checkpoint import LoadedModel
-from chargpt.sampling import SamplingParams, sample_with_log_probs
-from server.decoder import Decoder
+from chargpt.sampling import sample
 from server.metrics import ServerMetrics
-from server.stops import StopMatcher
+from server.requests import (
+    Event,
+    EventQueue,
+    FinishReason,
+    GenerateParams,
+    Generation,
+    ScoreJob,
+    ScoreParams,
+    TokenDetail,
+)
 
 log = logging.getLogger(__name__)
-DEADLINE_MARGIN_S = 0.05
+
+# Time kept in hand before a deadline, on top of three of the slowest recent iterations:
+# the final message must still cross the event loop and the network.
+RELAY_MARGIN_S = 0.1
 
 
 class OverloadedError(Exception):
@@ -41,6 +57,19 @@ class OverloadedError(Exception):
 
 class EngineStoppedError(Exception):
     """The engine is shutting down."""
+
+
+class Decoder(Protocol):
+    """The forward passes of one model (``server.decoder.Decoder``; a fake in tests)."""
+
+    def start(self, seq: Generation) -> None: ...
+    def release(self, seq_id: int) -> None: ...
+    def pending(self, seq: Generation) -> int: ...
+    def cost(self, seq: Generation) -> int: ...
+    def prefill(self, seq: Generation, budget: int) -> torch.Tensor | None: ...
+    def decode(self, seqs: list[Generation]) -> torch.Tensor: ...
+    def score(self, job: ScoreJob, budget: int) -> list[float]: ...
+    def finish_score(self, job_id: int) -> None: ...
 
 
 @dataclass
@@ -55,106 +84,28 @@ class ServedModel:
     decoder: Decoder
 
     @property
-    def block_size(self) -> int:
-        return self.loaded.info.config.block_size
+    def vocab(self) -> tuple[str, ...]:
+        return self.loaded.tokenizer.vocab
 
 
 @dataclass(frozen=True)
-class GenerateParams:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams
-    seed: int
-    stop: list[str]
-    logprobs: bool = False
-    top_logprobs: int = 0
-    deadline: float | None = None  # time.monotonic() value
+class Budget:
+    """How many positions an iteration computes besides decoding: as many as decoding
+    does (so streams run at least half as fast beside prompts and Scores), at least
+    ``min_extra``, and ``idle`` when nothing decodes."""
+
+    min_extra: int = 32
+    idle: int = 2048
+
+    def extra(self, decode_positions: int) -> int:
+        return max(decode_positions, self.min_extra) if decode_positions else self.idle
 
 
-@dataclass(frozen=True)
-class TokenDetail:
-    id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Characters released to the client (stop-sequence hold-back already applied)."""
-
-    text: str
-    tokens: list[TokenDetail]
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # length, stop, time_limit, cancelled, shutdown
-    stop_sequence: str
-    prompt_characters: int
-    generated_characters: int
-    seed: int
-    queue_seconds: float
-    time_to_first_token_seconds: float
-    total_seconds: float
-    model: ServedModel
-
-
-Event = Chunk | Finished
-
-
-class EventQueue(Protocol):
-    """Where a generation's events go: a ``queue.SimpleQueue`` or an ``asyncio.Queue``."""
-
-    def put_nowait(self, item: Event, /) -> None: ...
-
-
-@dataclass(eq=False)
-class Generation:
-    """One Generate request as the engine tracks it."""
-
-    params: GenerateParams
-    served: ServedModel
-    events: EventQueue
-    received: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    admitted: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    generated: int = 0
-    slot: int | None = None  # KV-cache slot while the context fits the window
-    cached: int = 0  # positions whose keys and values are in the slot
-    context: list[int] = field(default_factory=list)  # the last block_size ids
-    length: int = 0  # characters of prompt + generated text
-    finished: bool = False
-
-    def __post_init__(self) -> None:
-        self.context = self.params.prompt_ids[-self.served.block_size :]
-        self.length = len(self.params.prompt_ids)
-        self.generator = torch.Generator().manual_seed(self.params.seed)
-        self.matcher: StopMatcher[TokenDetail] = StopMatcher(self.params.stop)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass(eq=False)
-class ScoreJob:
-    """One Score request: log p(ids[i] | window) for i in [first_target, len(ids))."""
-
-    served: ServedModel
-    ids: list[int]
-    first_target: int
-    received: float = field(default_factory=time.monotonic)
-    result: Future[list[float]] = field(default_factory=Future)
-    cancelled: bool = False
-    next_target: int = 0
-    logprobs: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.next_target = self.first_target
-
-    def cancel(self) -> None:
-        self.cancelled = True
+@dataclass
+class StepPlan:
+    decode: list[Generation] = field(default_factory=list)
+    prefill: list[tuple[Generation, int]] = field(default_factory=list)
+    score: tuple[ScoreJob, int] | None = None
 
 
 def deliver_directly(batch: list[tuple[Generation, Event]]) -> None:
@@ -163,7 +114,7 @@ def deliver_directly(batch: list[tuple[Generation, Event]]) -> None:
 
 
 class Engine:
-    """``deliver`` receives the events of each step in one call (from the engine thread);
+    """``deliver`` receives each iteration's events in one call (from the engine thread);
     the asyncio service hands them to its event loop in one wake-up."""
 
     def __init__(
@@ -171,62 +122,43 @@ class Engine:
         metrics: ServerMetrics,
         max_running: int = 64,
         max_waiting: int = 256,
-        score_windows_per_step: int = 32,
+        budget: Budget = Budget(),
         deliver: Callable[[list[tuple[Generation, Event]]], None] = deliver_directly,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.metrics = metrics
-        self.deliver = deliver
-        self._outbox: list[tuple[Generation, Event]] = []
         self.max_running = max_running
         self.max_waiting = max_waiting
-        self.score_windows_per_step = score_windows_per_step
+        self.budget = budget
+        self.deliver = deliver
+        self.clock = clock
         self._wake = threading.Condition()
         self._waiting: deque[Generation] = deque()
         self._scores: deque[ScoreJob] = deque()
         self._running: list[Generation] = []
+        self._outbox: list[tuple[Generation, Event]] = []
         self._stopping = False
-        self._step_seconds = 0.0  # moving average, for deadline decisions
-        self._thread: threading.Thread | None = None
+        self._slowest = 0.0  # the slowest recent iteration, decaying, for deadlines
 
-    # ---- called from RPC threads -------------------------------------------------
-
-    def start(self) -> None:
-        """Run the loop on a background thread (tests, embedding). ``chargpt serve`` runs it
-        on the main thread instead: libgomp recreates its worker threads for every parallel
-        region entered from a non-main thread, which made small decode steps 4x slower."""
-        self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
-        self._thread.start()
-
-    def request_stop(self) -> None:
-        """Make ``run`` end the remaining requests (reason "shutdown") and return."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-
-    def stop(self) -> None:
-        self.request_stop()
-        if self._thread is not None:
-            self._thread.join()
+    # ---- called from RPC threads -----------------------------------------------------
 
     def submit_generation(
-        self, params: GenerateParams, served: ServedModel, events: EventQueue | None = None
+        self, params: GenerateParams, served: ServedModel, events: EventQueue
     ) -> Generation:
-        generation = Generation(
-            params, served, events if events is not None else queue.SimpleQueue()
-        )
+        generation = Generation(params, served, events, received=self.clock())
         with self._wake:
             self._admit_check()
             self._waiting.append(generation)
-            self.metrics.waiting.set(len(self._waiting) + len(self._scores))
+            self._update_gauges()
             self._wake.notify()
         return generation
 
-    def submit_score(self, ids: list[int], first_target: int, served: ServedModel) -> ScoreJob:
-        job = ScoreJob(served, ids, first_target)
+    def submit_score(self, params: ScoreParams, served: ServedModel) -> ScoreJob:
+        job = ScoreJob(params, served, received=self.clock())
         with self._wake:
             self._admit_check()
             self._scores.append(job)
-            self.metrics.waiting.set(len(self._waiting) + len(self._scores))
+            self._update_gauges()
             self._wake.notify()
         return job
 
@@ -239,16 +171,27 @@ class Engine:
         with self._wake:
             return len(self._running), len(self._waiting) + len(self._scores)
 
+    def request_stop(self) -> None:
+        """Make ``run`` end the remaining requests (reason shutdown) and return."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+
     def _admit_check(self) -> None:
         if self._stopping:
             raise EngineStoppedError("the server is shutting down")
-        if len(self._waiting) + len(self._scores) >= self.max_waiting:
+        waiting = len(self._waiting) + len(self._scores)
+        if waiting >= self.max_waiting:
             raise OverloadedError(
-                f"server is at capacity ({len(self._running)} running, "
-                f"{len(self._waiting) + len(self._scores)} waiting); retry later"
+                f"server is at capacity ({len(self._running)} running, {waiting} waiting); "
+                "retry later"
             )
 
-    # ---- the scheduler thread ----------------------------------------------------
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(len(self._running))
+        self.metrics.waiting.set(len(self._waiting) + len(self._scores))
+
+    # ---- the loop --------------------------------------------------------------------
 
     def run(self) -> None:
         """The scheduler loop; returns after ``request_stop``."""
@@ -258,114 +201,177 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     break
-                self._admit()
-                score = self._scores[0] if self._scores else None
             try:
-                self._retire_cancelled_and_expiring()
-                if score is not None:
-                    self._score_slice(score)
-                if self._running:
-                    self._decode_step()
-            except Exception:  # a bug must not kill the loop and hang every client
-                log.exception("engine step failed; failing the running requests")
+                self.step()
+            except Exception:  # a bug outside any one row: fail this batch, keep serving
+                log.exception("engine iteration failed; ending the running generations")
                 for generation in list(self._running):
-                    self._finish(generation, "error")
-            self._flush_outbox()
-        for generation in list(self._running) + list(self._waiting):
-            self._finish(generation, "shutdown")
-        self._flush_outbox()
-        for job in self._scores:
-            job.result.set_exception(EngineStoppedError("the server is shutting down"))
+                    self._finish(generation, FinishReason.ERROR)
+                self._flush()
+        self._shutdown()
 
-    def _flush_outbox(self) -> None:
+    def step(self) -> None:
+        """One iteration: schedule, execute, update, then deliver its events."""
+        started = self.clock()
+        plan = self.schedule(started)
+        rows = self.execute(plan)
+        self.update(rows)
+        self._flush()
+        elapsed = self.clock() - started
+        self._slowest = max(elapsed, 0.95 * self._slowest)
+        if plan.decode:
+            self.metrics.step_duration.observe(elapsed)
+            self.metrics.batch_size.observe(len(plan.decode))
+
+    def _shutdown(self) -> None:
+        with self._wake:
+            for generation in list(self._running) + list(self._waiting):
+                self._finish(generation, FinishReason.SHUTDOWN)
+            self._waiting.clear()
+            for job in self._scores:
+                job.served.decoder.finish_score(job.id)
+                job.result.set_exception(EngineStoppedError("the server is shutting down"))
+            self._scores.clear()
+        self._flush()
+
+    def _flush(self) -> None:
         if self._outbox:
             batch, self._outbox = self._outbox, []
             self.deliver(batch)
 
-    def _admit(self) -> None:
-        """Move waiting generations into the running batch (lock held)."""
-        now = time.monotonic()
-        for generation in [g for g in self._waiting if g.cancelled or self._expiring(g, now)]:
-            self._waiting.remove(generation)
-            self._finish(generation, "cancelled" if generation.cancelled else "time_limit")
-        while self._waiting and len(self._running) < self.max_running:
-            generation = self._waiting.popleft()
-            generation.admitted = now
-            if generation.length < generation.served.block_size:
-                generation.slot = generation.served.decoder.cache.allocate()
-            self._running.append(generation)
-            self.metrics.queue_time.labels("Generate").observe(now - generation.received)
-            self.metrics.prompt_characters.inc(len(generation.params.prompt_ids))
-        self.metrics.running.set(len(self._running))
-        self.metrics.waiting.set(len(self._waiting) + len(self._scores))
+    # ---- schedule --------------------------------------------------------------------
 
-    def _expiring(self, generation: Generation, now: float) -> bool:
-        """Whether the deadline would pass before another step and the final message got
-        out (the margin covers a step, a thread switch and gRPC's send)."""
-        deadline = generation.params.deadline
-        return deadline is not None and deadline - now < 3 * self._step_seconds + DEADLINE_MARGIN_S
-
-    def _retire_cancelled_and_expiring(self) -> None:
-        now = time.monotonic()
-        for generation in list(self._running):
-            if generation.cancelled:
-                self._finish(generation, "cancelled")
-            elif self._expiring(generation, now):
-                self._release_held(generation)
-                self._finish(generation, "time_limit")
-
-    def _decode_step(self) -> None:
-        started = time.monotonic()
-        rows = list(self._running)
-        by_model: dict[int, list[int]] = {}
-        for i, generation in enumerate(rows):
-            by_model.setdefault(id(generation.served), []).append(i)
-        all_logits: list[torch.Tensor | None] = [None] * len(rows)
-        for indices in by_model.values():
-            decoder = rows[indices[0]].served.decoder
-            cached = [i for i in indices if self._uses_cache(rows[i])]
-            windows = [i for i in indices if not self._uses_cache(rows[i])]
-            if cached:
-                logits = (
-                    decoder.forward_cached(
-                        [rows[i].context[-1] for i in cached],
-                        [rows[i].length - 1 for i in cached],
-                        [rows[i].slot for i in cached],  # type: ignore[misc]
-                    )
-                    .float()
-                    .cpu()
-                )
-                for j, i in enumerate(cached):
-                    all_logits[i] = logits[j]
-                    rows[i].cached = rows[i].length
-            if windows:
-                fill = [rows[i].slot for i in windows]
-                logits = (
-                    decoder.forward_windows([rows[i].context for i in windows], fill).float().cpu()
-                )
-                for j, i in enumerate(windows):
-                    all_logits[i] = logits[j]
-                    if rows[i].slot is not None:
-                        rows[i].cached = rows[i].length
-        now = time.monotonic()
-        for generation, row_logits in zip(rows, all_logits, strict=True):
-            assert row_logits is not None
-            self._emit(generation, row_logits, now)
-        elapsed = time.monotonic() - started
-        self._step_seconds = (
-            0.9 * self._step_seconds + 0.1 * elapsed if self._step_seconds else elapsed
-        )
-        self.metrics.step_duration.observe(elapsed)
-        self.metrics.batch_size.observe(len(rows))
+    def schedule(self, now: float) -> StepPlan:
+        margin = 3 * self._slowest + RELAY_MARGIN_S
+        with self._wake:
+            for generation in [g for g in self._waiting if g.cancelled or g.expiring(now, margin)]:
+                self._waiting.remove(generation)
+                self._finish(generation, _ended(generation))
+            for generation in [g for g in self._running if g.cancelled or g.expiring(now, margin)]:
+                self._finish(generation, _ended(generation))
+            while self._waiting and len(self._running) < self.max_running:
+                self._admit(self._waiting.popleft(), now)
+            for job in [j for j in self._scores if j.cancelled]:
+                self._drop_score(job)
+                job.result.cancel()
+            score = self._scores[0] if self._scores else None
+            self._update_gauges()
+        plan = StepPlan()
+        for generation in self._running:
+            pending = generation.served.decoder.pending(generation)
+            (
+                plan.prefill.append((generation, pending))
+                if pending
+                else plan.decode.append(generation)
+            )
+        extra = self.budget.extra(sum(g.served.decoder.cost(g) for g in plan.decode))
+        plan.prefill = [(g, p) for g, p in self._share(plan.prefill, extra)]
+        extra -= sum(p for _, p in plan.prefill)
+        if score is not None and extra > 0:
+            plan.score = (score, extra)
+        return plan
 
     @staticmethod
-    def _uses_cache(generation: Generation) -> bool:
-        """Whether the row can decode its newest character from the KV cache."""
-        return generation.slot is not None and generation.cached == generation.length - 1
+    def _share(pending: list[tuple[Generation, int]], budget: int) -> list[tuple[Generation, int]]:
+        """Prompt chunks in admission order while the budget lasts (the first always
+        gets one, so a prompt longer than the budget still advances)."""
+        chunks = []
+        for generation, positions in pending:
+            if budget <= 0 and chunks:
+                break
+            chunk = min(positions, max(budget, 1))
+            chunks.append((generation, chunk))
+            budget -= chunk
+        return chunks
 
-    def _emit(self, generation: Generation, logits: torch.Tensor, now: float) -> None:
+    def _admit(self, generation: Generation, now: float) -> None:
+        generation.served.decoder.start(generation)
+        generation.admitted = now
+        self._running.append(generation)
+        self.metrics.queue_time.labels("Generate").observe(now - generation.received)
+        self.metrics.prompt_characters.inc(len(generation.params.prompt_ids))
+
+    # ---- execute ---------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> list[tuple[Generation, torch.Tensor]]:
+        """The forward passes; returns each row that has next-character logits."""
+        rows: list[tuple[Generation, torch.Tensor]] = []
+        for generation, positions in plan.prefill:
+            try:
+                logits = generation.served.decoder.prefill(generation, positions)
+            except Exception:
+                self._fail(generation, "prompt processing")
+                continue
+            if logits is not None:
+                rows.append((generation, logits))
+        by_model: dict[int, list[Generation]] = {}
+        for generation in plan.decode:
+            by_model.setdefault(id(generation.served), []).append(generation)
+        for group in by_model.values():
+            try:
+                logits = group[0].served.decoder.decode(group)
+            except Exception:
+                for generation in group:
+                    self._fail(generation, "decoding")
+                continue
+            rows.extend(zip(group, logits, strict=True))
+        if plan.score is not None:
+            self._score_slice(*plan.score)
+        return rows
+
+    def _score_slice(self, job: ScoreJob, budget: int) -> None:
+        if not job.started:
+            job.started = True
+            self.metrics.queue_time.labels("Score").observe(self.clock() - job.received)
+        try:
+            job.logprobs.extend(job.served.decoder.score(job, budget))
+        except Exception as exc:
+            log.exception("Score failed (%d characters, model step %d)",
+                          len(job.params.ids), job.served.loaded.info.step)  # fmt: skip
+            self._drop_score(job)
+            job.result.set_exception(exc)
+            return
+        if job.done:
+            self._drop_score(job)
+            self.metrics.scored_characters.inc(len(job.logprobs))
+            job.result.set_result(job.logprobs)
+
+    def _drop_score(self, job: ScoreJob) -> None:
+        job.served.decoder.finish_score(job.id)
+        with self._wake:
+            if job in self._scores:
+                self._scores.remove(job)
+            self._update_gauges()
+
+    # ---- update ----------------------------------------------------------------------
+
+    def update(self, rows: list[tuple[Generation, torch.Tensor]]) -> None:
+        """Sample every row at once, then stream and finish each."""
+        if not rows:
+            return
+        generations = [g for g, _ in rows]
+        drawn = sample(
+            torch.stack([logits for _, logits in rows]).float().cpu(),
+            [g.params.sampling for g in generations],
+            [g.params.seed for g in generations],
+            [g.generated for g in generations],
+        )
+        tokens, failed = drawn.tokens.tolist(), drawn.failed.tolist()
+        now = self.clock()
+        for i, generation in enumerate(generations):
+            if failed[i]:
+                self._fail(generation, "sampling: the model gave non-finite logits", False)
+                continue
+            try:
+                self._emit(generation, tokens[i], drawn.log_probs[i], now)
+            except Exception:
+                self._fail(generation, "emitting a character")
+        self.metrics.generated_characters.inc(len(rows) - sum(failed))
+
+    def _emit(
+        self, generation: Generation, token: int, log_probs: torch.Tensor, now: float
+    ) -> None:
         params = generation.params
-        token, log_probs = sample_with_log_probs(logits, params.sampling, generation.generator)
         detail = TokenDetail(token, 0.0, [])
         if params.logprobs:
             top: list[tuple[int, float]] = []
@@ -379,101 +385,39 @@ class Engine:
         else:
             self.metrics.inter_token_latency.observe(now - (generation.last_token or now))
         generation.last_token = now
-        generation.generated += 1
-        generation.length += 1
-        generation.context.append(token)
-        block_size = generation.served.block_size
-        if len(generation.context) > block_size:
-            del generation.context[0]
-        if generation.slot is not None and generation.length > block_size:
-            generation.served.decoder.cache.release(generation.slot)  # windows from now on
-            generation.slot = None
-        self.metrics.generated_characters.inc()
+        chunk = generation.append(token, detail, generation.served.vocab[token])
+        if chunk is not None:
+            self._outbox.append((generation, chunk))
+        reason = generation.finish_reason()
+        if reason is not None:
+            self._finish(generation, reason)
 
-        char = generation.served.loaded.tokenizer.vocab[token]
-        released = generation.matcher.feed(char, detail)
-        if released:
-            self._outbox.append((generation, self._chunk(released)))
-        if generation.matcher.matched is not None:
-            self._finish(generation, "stop")
-        elif generation.generated >= params.max_new_tokens:
-            self._release_held(generation)
-            self._finish(generation, "length")
+    def _fail(self, generation: Generation, stage: str, exc_info: bool = True) -> None:
+        """End one request with an error (INTERNAL for its client), its neighbours untouched."""
+        p = generation.params
+        log.error(
+            "generation %d failed in %s; it alone ends with INTERNAL (prompt %d chars, "
+            "max_new_tokens %d, temperature %s, top_k %d, top_p %s, seed %d, %d generated)",
+            generation.id, stage, len(p.prompt_ids), p.max_new_tokens, p.sampling.temperature,
+            p.sampling.top_k, p.sampling.top_p, p.seed, generation.generated, exc_info=exc_info,
+        )  # fmt: skip
+        self._finish(generation, FinishReason.ERROR)
 
-    @staticmethod
-    def _chunk(released: list[tuple[str, TokenDetail]]) -> Chunk:
-        return Chunk("".join(c for c, _ in released), [d for _, d in released])
-
-    def _release_held(self, generation: Generation) -> None:
-        released = generation.matcher.flush()
-        if released:
-            self._outbox.append((generation, self._chunk(released)))
-
-    def _finish(self, generation: Generation, reason: str) -> None:
+    def _finish(self, generation: Generation, reason: FinishReason) -> None:
         if generation.finished:
             return
         generation.finished = True
         if generation in self._running:
             self._running.remove(generation)
-        if generation.slot is not None:
-            generation.served.decoder.cache.release(generation.slot)
-            generation.slot = None
-        now = time.monotonic()
-        admitted = generation.admitted if generation.admitted is not None else now
-        first = generation.first_token if generation.first_token is not None else now
-        self._outbox.append(
-            (
-                generation,
-                Finished(
-                    reason=reason,
-                    stop_sequence=generation.matcher.matched or "",
-                    prompt_characters=len(generation.params.prompt_ids),
-                    generated_characters=generation.generated,
-                    seed=generation.params.seed,
-                    queue_seconds=admitted - generation.received,
-                    time_to_first_token_seconds=first - generation.received,
-                    total_seconds=now - generation.received,
-                    model=generation.served,
-                ),
-            )
-        )
-        self.metrics.finished.labels(reason).inc()
+            generation.served.decoder.release(generation.id)
+        if reason in (FinishReason.LENGTH, FinishReason.TIME_LIMIT):
+            held = generation.flush()
+            if held is not None:
+                self._outbox.append((generation, held))
+        self._outbox.append((generation, generation.finished_event(reason, self.clock())))
+        self.metrics.finished.labels(reason.value).inc()
         self.metrics.running.set(len(self._running))
 
-    def _score_slice(self, job: ScoreJob) -> None:
-        """Score the next slice of ``job``; finish it when done (keeps decode steps short)."""
-        if job.cancelled:
-            self._pop_score(job)
-            job.result.cancel()
-            return
-        if job.next_target == job.first_target:
-            self.metrics.queue_time.labels("Score").observe(time.monotonic() - job.received)
-        decoder = job.served.decoder
-        block_size = job.served.block_size
-        ids, n = job.ids, len(job.ids)
-        if job.next_target <= block_size:
-            # Targets whose window starts at 0 all come from one causal forward.
-            end = min(n, block_size + 1)
-            with torch.inference_mode():
-                logits, _ = decoder.model(torch.tensor([ids[: end - 1]], device=decoder.device))
-            log_probs = torch.log_softmax(logits[0].float(), dim=-1).cpu()
-            targets = range(job.next_target, end)
-            job.logprobs.extend(float(log_probs[i - 1, ids[i]]) for i in targets)
-            job.next_target = end
-        else:
-            end = min(n, job.next_target + self.score_windows_per_step)
-            windows = [ids[i - block_size : i] for i in range(job.next_target, end)]
-            log_probs = torch.log_softmax(decoder.forward_windows(windows).float(), dim=-1).cpu()
-            job.logprobs.extend(
-                float(log_probs[j, ids[i]]) for j, i in enumerate(range(job.next_target, end))
-            )
-            job.next_target = end
-        if job.next_target >= n:
-            self._pop_score(job)
-            self.metrics.scored_characters.inc(n - job.first_target)
-            job.result.set_result(job.logprobs)
 
-    def _pop_score(self, job: ScoreJob) -> None:
-        with self._wake:
-            self._scores.remove(job)
-            self.metrics.waiting.set(len(self._waiting) + len(self._scores))
+def _ended(generation: Generation) -> FinishReason:
+    return FinishReason.CANCELLED if generation.cancelled else FinishReason.TIME_LIMIT

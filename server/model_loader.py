@@ -38,13 +38,14 @@ def load_served_model(
 ) -> ServedModel:
     """Load and verify a checkpoint; raises CheckpointError if it cannot be served."""
     loaded = load_checkpoint(path, device, dtype)
-    decoder = Decoder(loaded.model, cache_slots)
     try:
-        logits = decoder.forward_windows([[0]])
+        with torch.inference_mode():
+            logits, _ = loaded.model(torch.zeros((1, 1), dtype=torch.long, device=device))
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: test forward pass failed: {exc}") from exc
-    if logits.shape != (1, loaded.info.config.vocab_size) or not torch.isfinite(logits).all():
+    if logits.shape != (1, 1, loaded.info.config.vocab_size) or not torch.isfinite(logits).all():
         raise CheckpointError(f"{path}: test forward pass gave non-finite logits")
+    decoder = Decoder(loaded.model, cache_slots)
     return ServedModel(loaded, str(path), device, dtype, time.time(), decoder)
 
 

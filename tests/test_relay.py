@@ -4,16 +4,17 @@ import asyncio
 from types import SimpleNamespace
 
 from chargpt.v1 import language_model_pb2 as pb
-from server.engine import Chunk, Finished, TokenDetail
 from server.metrics import ServerMetrics
-from server.service import LanguageModelService, Limits
+from server.requests import Chunk, Finished, FinishReason, TokenDetail
+from server.service import LanguageModelService
+from server.validation import Limits
 
 VOCAB = ("\n", "a", "b", "c")
 
 
 def finished() -> Finished:
     model = SimpleNamespace(loaded=SimpleNamespace(info=SimpleNamespace(step=7), file_sha256="ab"))
-    return Finished("length", "", 1, 3, 5, 0.0, 0.001, 0.01, model)  # type: ignore[arg-type]
+    return Finished(FinishReason.LENGTH, "", 1, 3, 5, 0.0, 0.001, 0.01, model)  # type: ignore[arg-type]
 
 
 def chunk(text: str) -> Chunk:

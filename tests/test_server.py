@@ -44,10 +44,7 @@ def reference(checkpoint: Path):  # type: ignore[no-untyped-def]
 
 def reference_text(reference, prompt: str, n: int, params: SamplingParams, seed: int = 0) -> str:  # type: ignore[no-untyped-def]
     ids = reference.tokenizer.encode(prompt) if prompt else [0]
-    generator = torch.Generator().manual_seed(seed)
-    return reference.tokenizer.decode(
-        reference_generate(reference.model, ids, n, params, generator)
-    )
+    return reference.tokenizer.decode(reference_generate(reference.model, ids, n, params, seed))
 
 
 def test_generate_streams_one_character_per_message_then_a_summary(server: ServerProcess) -> None:

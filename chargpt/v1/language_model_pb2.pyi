@@ -145,7 +145,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("vocabulary", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "architecture", "parameters", "step", "val_loss", "train_loss", "weights_sha256", "run_name", "dataset_sha256", "device", "dtype", "checkpoint_path", "created", "loaded_at_unix")
+    __slots__ = ("vocabulary", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "architecture", "parameters", "step", "val_loss", "train_loss", "weights_sha256", "run_name", "dataset_sha256", "device", "dtype", "checkpoint_path", "created", "loaded_at_unix", "options", "context_characters")
     VOCABULARY_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,8 @@ class ModelInfo(_message.Message):
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     vocabulary: str
     vocab_size: int
     block_size: int
@@ -184,4 +186,28 @@ class ModelInfo(_message.Message):
     checkpoint_path: str
     created: str
     loaded_at_unix: float
-    def __init__(self, vocabulary: _Optional[str] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., architecture: _Optional[str] = ..., parameters: _Optional[int] = ..., step: _Optional[int] = ..., val_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., run_name: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., created: _Optional[str] = ..., loaded_at_unix: _Optional[float] = ...) -> None: ...
+    options: ModelOptions
+    context_characters: int
+    def __init__(self, vocabulary: _Optional[str] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., architecture: _Optional[str] = ..., parameters: _Optional[int] = ..., step: _Optional[int] = ..., val_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., run_name: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., created: _Optional[str] = ..., loaded_at_unix: _Optional[float] = ..., options: _Optional[_Union[ModelOptions, _Mapping]] = ..., context_characters: _Optional[int] = ...) -> None: ...
+
+class ModelOptions(_message.Message):
+    __slots__ = ("position", "norm", "activation", "qk_norm", "tie_embeddings", "bias", "logit_softcap", "attention_window", "dropout")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    QK_NORM_FIELD_NUMBER: _ClassVar[int]
+    TIE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_SOFTCAP_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    position: str
+    norm: str
+    activation: str
+    qk_norm: bool
+    tie_embeddings: bool
+    bias: bool
+    logit_softcap: float
+    attention_window: int
+    dropout: float
+    def __init__(self, position: _Optional[str] = ..., norm: _Optional[str] = ..., activation: _Optional[str] = ..., qk_norm: _Optional[bool] = ..., tie_embeddings: _Optional[bool] = ..., bias: _Optional[bool] = ..., logit_softcap: _Optional[float] = ..., attention_window: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,188 @@
+"""What the engine tracks per request, and the events it hands back to the service.
+
+A ``Generation`` owns its text so far (prompt and generated ids), the stop-sequence
+matcher and its timings; the decoder owns where its keys and values are cached.
+"""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+from chargpt.sampling import SamplingParams
+from server.stops import StopMatcher
+
+if TYPE_CHECKING:
+    from server.engine import ServedModel
+
+_ids = itertools.count()
+
+
+class FinishReason(StrEnum):
+    """Why a generation ended: the metric label, and (for the first three) the summary's
+    ``finish_reason``; the others end the stream with an error status or no message."""
+
+    LENGTH = "length"
+    STOP = "stop"
+    TIME_LIMIT = "time_limit"
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    characters_per_message: int = 1
+    deadline: float | None = None  # on the engine's clock
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    """Score ``ids[first_target:]``, each given everything before it."""
+
+    ids: list[int]
+    first_target: int
+    context_characters: int
+
+
+@dataclass(frozen=True)
+class TokenDetail:
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Characters released to the client (stop-sequence hold-back already applied)."""
+
+    text: str
+    tokens: list[TokenDetail]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    stop_sequence: str
+    prompt_characters: int
+    generated_characters: int
+    seed: int
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    total_seconds: float
+    model: ServedModel
+
+
+Event = Chunk | Finished
+
+
+class EventQueue(Protocol):
+    """Where a generation's events go: a ``queue.SimpleQueue`` or an ``asyncio.Queue``."""
+
+    def put_nowait(self, item: Event, /) -> None: ...
+
+
+@dataclass(eq=False)
+class Generation:
+    """One Generate request as the engine tracks it."""
+
+    params: GenerateParams
+    served: ServedModel
+    events: EventQueue
+    received: float
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)  # prompt ids, then generated ids
+    cancelled: bool = False
+    finished: bool = False
+    admitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.params.prompt_ids)
+        self.matcher: StopMatcher[TokenDetail] = StopMatcher(self.params.stop)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.params.prompt_ids)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def expiring(self, now: float, margin: float) -> bool:
+        """Whether the deadline is closer than ``margin``: time to send the final message."""
+        deadline = self.params.deadline
+        return deadline is not None and deadline - now < margin
+
+    def append(self, token: int, detail: TokenDetail, char: str) -> Chunk | None:
+        """Add a generated character; returns what may be streamed now."""
+        self.tokens.append(token)
+        released = self.matcher.feed(char, detail)
+        return _chunk(released) if released else None
+
+    def flush(self) -> Chunk | None:
+        """Whatever the stop matcher still holds back (at the end of the generation)."""
+        released = self.matcher.flush()
+        return _chunk(released) if released else None
+
+    def finish_reason(self) -> FinishReason | None:
+        """LENGTH or STOP once the latest character ended the generation, else None."""
+        if self.matcher.matched is not None:
+            return FinishReason.STOP
+        if self.generated >= self.params.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def finished_event(self, reason: FinishReason, now: float) -> Finished:
+        admitted = self.admitted if self.admitted is not None else now
+        first = self.first_token if self.first_token is not None else now
+        return Finished(
+            reason=reason,
+            stop_sequence=self.matcher.matched or "",
+            prompt_characters=len(self.params.prompt_ids),
+            generated_characters=self.generated,
+            seed=self.params.seed,
+            queue_seconds=admitted - self.received,
+            time_to_first_token_seconds=first - self.received,
+            total_seconds=now - self.received,
+            model=self.served,
+        )
+
+
+def _chunk(released: list[tuple[str, TokenDetail]]) -> Chunk:
+    return Chunk("".join(c for c, _ in released), [d for _, d in released])
+
+
+@dataclass(eq=False)
+class ScoreJob:
+    """One Score request; ``logprobs`` fills in slices until every target is scored."""
+
+    params: ScoreParams
+    served: ServedModel
+    received: float
+    id: int = field(default_factory=lambda: next(_ids))
+    result: Future[list[float]] = field(default_factory=Future)
+    cancelled: bool = False
+    started: bool = False
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def next_target(self) -> int:
+        return self.params.first_target + len(self.logprobs)
+
+    @property
+    def done(self) -> bool:
+        return self.next_target >= len(self.params.ids)
+
+    def cancel(self) -> None:
+        self.cancelled = True

@@ -1,0 +1,284 @@
+"""Engine policy in process: a fake decoder with fixed logits (nanochat's mock-model idea)
+and an injected clock. No sockets, no threads unless the test is about the loop, no
+sleeps."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from chargpt.checkpoint import CheckpointInfo, LoadedModel
+from chargpt.model import GPT, GPTConfig
+from chargpt.sampling import SamplingParams
+from chargpt.tokenizer import CharTokenizer
+from server.engine import (
+    RELAY_MARGIN_S,
+    Budget,
+    Engine,
+    EngineStoppedError,
+    OverloadedError,
+    ServedModel,
+)
+from server.metrics import ServerMetrics
+from server.requests import Chunk, Finished, FinishReason, GenerateParams, ScoreJob, ScoreParams
+
+VOCAB = ("\n", "a", "b", "c")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeDecoder:
+    """Always prefers ``favourite`` (logit 5, the rest 0); counts positions computed.
+    Prompts are processed in chunks; a row ``poisoned`` gets NaN logits."""
+
+    favourite: int = 1
+    poisoned: set[int] = field(default_factory=set)
+    broken: bool = False
+    processed: dict[int, int] = field(default_factory=dict)
+    decoded: list[list[int]] = field(default_factory=list)
+    prefilled: list[tuple[int, int]] = field(default_factory=list)
+    scored: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+
+    def logits(self, seq_id: int) -> torch.Tensor:
+        row = torch.zeros(len(VOCAB))
+        row[self.favourite] = 5.0
+        return row.fill_(float("nan")) if seq_id in self.poisoned else row
+
+    def start(self, seq) -> None:  # type: ignore[no-untyped-def]
+        self.processed[seq.id] = 0
+
+    def release(self, seq_id: int) -> None:
+        self.released.append(seq_id)
+        del self.processed[seq_id]
+
+    def pending(self, seq) -> int:  # type: ignore[no-untyped-def]
+        pending = len(seq.tokens) - self.processed[seq.id]
+        return 0 if pending == 1 else pending
+
+    def cost(self, seq) -> int:  # type: ignore[no-untyped-def]
+        return 1
+
+    def prefill(self, seq, budget: int) -> torch.Tensor | None:  # type: ignore[no-untyped-def]
+        done = min(len(seq.tokens), self.processed[seq.id] + budget)
+        self.prefilled.append((seq.id, done - self.processed[seq.id]))
+        self.processed[seq.id] = done
+        return self.logits(seq.id) if done == len(seq.tokens) else None
+
+    def decode(self, seqs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if self.broken:
+            raise RuntimeError("this model's forward pass is broken")
+        self.decoded.append([s.id for s in seqs])
+        for s in seqs:
+            self.processed[s.id] = len(s.tokens)
+        return torch.stack([self.logits(s.id) for s in seqs])
+
+    def score(self, job: ScoreJob, budget: int) -> list[float]:
+        end = min(len(job.params.ids), job.next_target + budget)
+        self.scored.append(end - job.next_target)
+        return [-1.0] * (end - job.next_target)
+
+    def finish_score(self, job_id: int) -> None:
+        pass
+
+
+def served(decoder: FakeDecoder, step: int = 1) -> ServedModel:
+    config = GPTConfig(vocab_size=len(VOCAB), block_size=8, n_embd=8, n_head=1, n_layer=1)
+    info = CheckpointInfo(config, VOCAB, step, None, None, "", "test")
+    loaded = LoadedModel(GPT(config), CharTokenizer(VOCAB), info, f"sha{step}")
+    return ServedModel(loaded, "model.safetensors", torch.device("cpu"), torch.float32, 0.0,
+                       decoder)  # fmt: skip
+
+
+def params(prompt: list[int] | None = None, n: int = 3, **kwargs: object) -> GenerateParams:
+    kwargs.setdefault("sampling", SamplingParams(temperature=0))
+    return GenerateParams(prompt or [0], n, seed=0, **kwargs)  # type: ignore[arg-type]
+
+
+def events(q: queue.SimpleQueue) -> list[Chunk | Finished]:  # type: ignore[type-arg]
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def engine(clock: Clock, **kwargs: object) -> Engine:
+    return Engine(ServerMetrics(), clock=clock, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_generation_streams_then_finishes_with_its_summary(clock: Clock) -> None:
+    e, model, q = engine(clock), served(FakeDecoder(favourite=2)), queue.SimpleQueue()
+    generation = e.submit_generation(params(n=3), model, q)
+    for _ in range(3):
+        clock.now += 0.01
+        e.step()
+    got = events(q)
+    assert [c.text for c in got if isinstance(c, Chunk)] == ["b", "b", "b"]
+    summary = got[-1]
+    assert isinstance(summary, Finished) and summary.reason == FinishReason.LENGTH
+    assert summary.generated_characters == 3 and summary.model is model
+    assert summary.time_to_first_token_seconds == pytest.approx(0.01)
+    assert generation.finished and model.decoder.released == [generation.id]
+
+
+def test_admission_and_overload(clock: Clock) -> None:
+    e, model = engine(clock, max_running=1, max_waiting=1), served(FakeDecoder())
+    first = e.submit_generation(params(n=100), model, queue.SimpleQueue())
+    e.step()  # first runs
+    second = e.submit_generation(params(n=2), model, queue.SimpleQueue())
+    with pytest.raises(OverloadedError, match="capacity"):
+        e.submit_generation(params(), model, queue.SimpleQueue())
+    e.step()
+    assert e.load() == (1, 1) and second.admitted is None
+    first.cancel()
+    e.step()  # first leaves, second joins the batch in the same iteration
+    assert first.finished and second.admitted == clock.now
+    assert model.decoder.decoded[-1] == [second.id]
+
+
+def test_cancellation_frees_the_row_within_one_step(clock: Clock) -> None:
+    e, decoder = engine(clock), FakeDecoder()
+    model, q = served(decoder), queue.SimpleQueue()
+    keep = e.submit_generation(params(n=100), model, queue.SimpleQueue())
+    gone = e.submit_generation(params(n=100), model, q)
+    e.step()
+    gone.cancel()
+    e.step()
+    assert decoder.decoded[-1] == [keep.id] and gone.id in decoder.released
+    finished = events(q)[-1]
+    assert isinstance(finished, Finished) and finished.reason == FinishReason.CANCELLED
+
+
+def test_a_deadline_ends_the_generation_while_the_final_message_can_be_sent(clock: Clock) -> None:
+    e, model, q = engine(clock), served(FakeDecoder()), queue.SimpleQueue()
+    generation = e.submit_generation(
+        params(n=1000, stop=["ab"], deadline=clock.now + 1.0), model, q
+    )
+    e.step()
+    clock.now += 1.0 - RELAY_MARGIN_S / 2  # closer to the deadline than the margin
+    e.step()
+    finished = events(q)[-1]
+    assert isinstance(finished, Finished) and finished.reason == FinishReason.TIME_LIMIT
+    assert generation.finished and finished.generated_characters == 1
+
+
+def test_held_back_stop_prefixes_are_released_at_the_end(clock: Clock) -> None:
+    e, model, q = engine(clock), served(FakeDecoder(favourite=1)), queue.SimpleQueue()
+    e.submit_generation(params(n=2, stop=["aab"]), model, q)  # "aa" could begin "aab"
+    e.step()
+    e.step()
+    got = events(q)
+    assert "".join(c.text for c in got if isinstance(c, Chunk)) == "aa"
+    assert got[-1].reason == FinishReason.LENGTH  # type: ignore[union-attr]
+
+
+def test_each_generation_keeps_the_model_it_started_with(clock: Clock) -> None:
+    e, old, new = engine(clock), served(FakeDecoder(favourite=1), 1), served(FakeDecoder(2), 2)
+    q_old, q_new = queue.SimpleQueue(), queue.SimpleQueue()
+    a = e.submit_generation(params(n=3), old, q_old)
+    e.step()
+    b = e.submit_generation(params(n=2), new, q_new)  # submitted after the reload
+    for _ in range(3):
+        e.step()
+    assert "".join(c.text for c in events(q_old) if isinstance(c, Chunk)) == "aaa"
+    assert "".join(c.text for c in events(q_new) if isinstance(c, Chunk)) == "bb"
+    assert all(ids == [a.id] for ids in old.decoder.decoded)
+    assert all(ids == [b.id] for ids in new.decoder.decoded)
+
+
+def test_a_failing_row_ends_alone(clock: Clock) -> None:
+    decoder = FakeDecoder()
+    e, model = engine(clock), served(decoder)
+    healthy, bad = queue.SimpleQueue(), queue.SimpleQueue()
+    good = e.submit_generation(params(n=3), model, healthy)
+    poisoned = e.submit_generation(params(n=3, sampling=SamplingParams(0.7)), model, bad)
+    decoder.poisoned.add(poisoned.id)
+    for _ in range(3):
+        e.step()
+    assert events(bad)[-1].reason == FinishReason.ERROR  # type: ignore[union-attr]
+    assert events(healthy)[-1].reason == FinishReason.LENGTH  # type: ignore[union-attr]
+    assert good.generated == 3
+    assert e.metrics.finished.labels("error")._value.get() == 1
+
+
+def test_a_broken_model_fails_only_its_own_rows(clock: Clock) -> None:
+    e, broken, fine = engine(clock), served(FakeDecoder(broken=True), 1), served(FakeDecoder(), 2)
+    q_broken, q_fine = queue.SimpleQueue(), queue.SimpleQueue()
+    e.submit_generation(params(n=3), broken, q_broken)
+    e.submit_generation(params(n=3), fine, q_fine)
+    for _ in range(3):
+        e.step()
+    assert events(q_broken)[-1].reason == FinishReason.ERROR  # type: ignore[union-attr]
+    assert events(q_fine)[-1].reason == FinishReason.LENGTH  # type: ignore[union-attr]
+
+
+def test_long_prompts_and_scores_share_each_iteration_with_decoding(clock: Clock) -> None:
+    decoder = FakeDecoder()
+    e, model = engine(clock, budget=Budget(min_extra=4, idle=100)), served(decoder)
+    streams = [e.submit_generation(params(n=10_000), model, queue.SimpleQueue()) for _ in range(3)]
+    e.step()  # three one-character prompts: straight to decoding
+    long_prompt = e.submit_generation(params(prompt=[1] * 30, n=2), model, queue.SimpleQueue())
+    job = e.submit_score(ScoreParams([0] * 200, 1, 0), model)
+    steps = 0
+    while not job.result.done():
+        e.step()
+        steps += 1
+        # Every stream decodes in every iteration; the others get what the budget leaves.
+        assert set(decoder.decoded[-1]) >= {s.id for s in streams if not s.finished}
+    assert job.result.result() == [-1.0] * 199
+    assert max(decoder.scored) <= 4 and all(n <= 4 for _, n in decoder.prefilled)
+    assert long_prompt.generated == 2 and steps >= 199 // 4
+
+
+def test_scores_get_the_whole_budget_when_nothing_decodes(clock: Clock) -> None:
+    decoder = FakeDecoder()
+    e, model = engine(clock, budget=Budget(min_extra=4, idle=100)), served(decoder)
+    job = e.submit_score(ScoreParams([0] * 250, 1, 0), model)
+    for _ in range(3):
+        e.step()
+    assert decoder.scored == [100, 100, 49] and job.result.done()
+
+
+def test_cancelled_score_is_dropped(clock: Clock) -> None:
+    decoder = FakeDecoder()
+    e, model = engine(clock, budget=Budget(min_extra=4, idle=10)), served(decoder)
+    job = e.submit_score(ScoreParams([0] * 250, 1, 0), model)
+    e.step()
+    job.cancel()
+    e.step()
+    assert job.result.cancelled() and decoder.scored == [10] and e.load() == (0, 0)
+
+
+def test_shutdown_ends_everything(clock: Clock) -> None:
+    e, model = engine(clock, max_running=1), served(FakeDecoder())
+    running, waiting = queue.SimpleQueue(), queue.SimpleQueue()
+    e.submit_generation(params(n=10_000), model, running)
+    e.step()
+    e.submit_generation(params(n=5), model, waiting)
+    job = e.submit_score(ScoreParams([0] * 10_000, 1, 0), model)
+    loop = threading.Thread(target=e.run)
+    e.request_stop()
+    loop.start()
+    loop.join()
+    for q in (running, waiting):
+        assert events(q)[-1].reason == FinishReason.SHUTDOWN  # type: ignore[union-attr]
+    with pytest.raises(EngineStoppedError):
+        job.result.result()
+    with pytest.raises(EngineStoppedError):
+        e.submit_generation(params(), model, queue.SimpleQueue())
