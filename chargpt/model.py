@@ -263,6 +263,20 @@ def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(h)
 
 
+def _rotary(
+    positions: torch.Tensor, head_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's rotary angles, (T, hs/2), or (B, 1, T, hs/2) for
+    per-row positions (B, T). Computed in float64 whatever the model's dtype, so that the
+    angles of positions far past the block are as exact as those near 0."""
+    exponents = torch.arange(0, head_size, 2, dtype=torch.float64, device=positions.device)
+    angles = positions.to(torch.float64).unsqueeze(-1) * ROPE_BASE ** (-exponents / head_size)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    if positions.dim() == 2:  # broadcast over heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return cos, sin
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding: rotate each pair (x[i], x[i + hs/2]) by its position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -280,11 +294,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.ln_f = Norm(c)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
-        # Rotary frequencies in float64: angles of positions far past the block stay exact.
-        inv_freq = ROPE_BASE ** -(
-            torch.arange(0, c.head_size, 2, dtype=torch.float64) / c.head_size
-        )
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.apply(_init_weights)
 
     def num_parameters(self) -> int:
@@ -323,10 +332,7 @@ class GPT(nn.Module):
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
         else:
-            angles = positions.to(torch.float64).unsqueeze(-1) * self.rope_inv_freq
-            rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
-            if rotary[0].dim() == 3:  # per-row positions (B, T, hs/2): broadcast over heads
-                rotary = (rotary[0].unsqueeze(1), rotary[1].unsqueeze(1))
+            rotary = _rotary(positions, c.head_size, x.dtype)
         if self.training and c.dropout:
             x = F.dropout(x, c.dropout, True)
         last = len(self.blocks) - 1

@@ -104,6 +104,8 @@ class Budget:
 @dataclass
 class StepPlan:
     decode: list[Generation] = field(default_factory=list)
+    decode_positions: int = 0  # one per row that appends to its cache, a block per window
+    cached_rows: int = 0
     prefill: list[tuple[Generation, int]] = field(default_factory=list)
     score: tuple[ScoreJob, int] | None = None
 
@@ -222,6 +224,9 @@ class Engine:
         if plan.decode:
             self.metrics.step_duration.observe(elapsed)
             self.metrics.batch_size.observe(len(plan.decode))
+            self.metrics.decode_positions.labels("cache").inc(plan.cached_rows)
+            window_positions = plan.decode_positions - plan.cached_rows
+            self.metrics.decode_positions.labels("window").inc(window_positions)
 
     def _shutdown(self) -> None:
         with self._wake:
@@ -257,15 +262,18 @@ class Engine:
             score = self._scores[0] if self._scores else None
             self._update_gauges()
         plan = StepPlan()
+        prompts = []
         for generation in self._running:
             pending = generation.served.decoder.pending(generation)
-            (
-                plan.prefill.append((generation, pending))
-                if pending
-                else plan.decode.append(generation)
-            )
-        extra = self.budget.extra(sum(g.served.decoder.cost(g) for g in plan.decode))
-        plan.prefill = [(g, p) for g, p in self._share(plan.prefill, extra)]
+            if pending:
+                prompts.append((generation, pending))
+            else:
+                plan.decode.append(generation)
+                cost = generation.served.decoder.cost(generation)
+                plan.decode_positions += cost
+                plan.cached_rows += cost == 1
+        extra = self.budget.extra(plan.decode_positions)
+        plan.prefill = self._share(prompts, extra)
         extra -= sum(p for _, p in plan.prefill)
         if score is not None and extra > 0:
             plan.score = (score, extra)

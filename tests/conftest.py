@@ -63,6 +63,33 @@ def run_chargpt(
 
 
 @pytest.fixture(scope="session")
+def windowed_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rotary model with a sliding attention window (and the other options), random
+    weights large enough that its logits are far from uniform: for serving equivalence."""
+    import torch
+
+    from chargpt.checkpoint import CheckpointInfo, save_checkpoint
+    from chargpt.model import GPT, GPTConfig
+    from chargpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text(make_text())
+    config = GPTConfig(
+        vocab_size=tokenizer.vocab_size, block_size=32, n_embd=32, n_head=2, n_layer=2,
+        position="rope", attention_window=12, norm="rmsnorm", activation="relu2",
+        qk_norm=True, bias=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("windowed") / "model.safetensors"
+    info = CheckpointInfo(config, tokenizer.vocab, 1, None, None, "00" * 32, "windowed-random")
+    save_checkpoint(path, model, info)
+    return path
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, small_text_file: Path) -> Path:
     """Run directory of a tiny model trained for 60 steps on the small text."""
     out = tmp_path_factory.mktemp("run")

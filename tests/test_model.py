@@ -7,11 +7,11 @@ from chargpt.sampling import SamplingParams
 CONFIG = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2)
 
 
-def test_seed_defaults_give_the_lectures_model_size() -> None:
+def test_lecture_defaults_give_the_lectures_model_size() -> None:
     config = GPTConfig(vocab_size=65)
     model = GPT(config)
     assert model.num_parameters() == sum(p.numel() for p in PerHeadGPT(config).parameters())
-    assert round(model.num_parameters() / 1e6, 2) == 0.41  # the seed's "0.41 M parameters"
+    assert round(model.num_parameters() / 1e6, 2) == 0.41  # the lecture's "0.41 M parameters"
 
 
 def test_logits_shape_and_loss() -> None:
