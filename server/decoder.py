@@ -220,9 +220,9 @@ class Decoder:
     # ---- scoring ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def score(self, job: ScoreJob, budget: int) -> list[float]:
+    def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]:
         """Log-probabilities of the next targets of ``job`` (each given everything before
-        it, under the model's semantics), computing about ``budget`` positions."""
+        it, under the model's semantics), and the positions computed: about ``budget``."""
         ids, first, target = job.params.ids, job.params.first_target, job.next_target
         if self.config.attention_window:
             return self._score_through_cache(job.id, ids, first, budget)
@@ -231,16 +231,17 @@ class Decoder:
             end = min(len(ids), block + 1)
             logits, _ = self.model(torch.tensor([ids[: end - 1]], device=self.device))
             log_probs = torch.log_softmax(logits[0].float(), dim=-1).cpu()
-            return [float(log_probs[i - 1, ids[i]]) for i in range(target, end)]
+            return [float(log_probs[i - 1, ids[i]]) for i in range(target, end)], end - 1
         end = min(len(ids), target + max(1, budget // block))
         windows = torch.tensor([ids[i - block : i] for i in range(target, end)])
         logits, _ = self.model(windows.to(self.device), last_only=True)
         log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
-        return [float(log_probs[j, ids[i]]) for j, i in enumerate(range(target, end))]
+        scores = [float(log_probs[j, ids[i]]) for j, i in enumerate(range(target, end))]
+        return scores, len(scores) * block
 
     def _score_through_cache(
         self, job_id: int, ids: list[int], first_target: int, budget: int
-    ) -> list[float]:
+    ) -> tuple[list[float], int]:
         """A windowed model: the next chunk of the text through the job's own one-slot
         cache; logits at every position of it, kept for the targets past the context."""
         if job_id not in self._score_caches:
@@ -254,10 +255,11 @@ class Decoder:
         logits = self._forward(ids[start:end], view, last_only=context_only)
         self._score_caches[job_id] = (cache, end)
         if context_only:
-            return []
+            return [], end - start
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
         targets = range(start + 1, end + 1)
-        return [float(log_probs[j, ids[i]]) for j, i in enumerate(targets) if i >= first_target]
+        scores = [float(log_probs[j, ids[i]]) for j, i in enumerate(targets) if i >= first_target]
+        return scores, end - start
 
     def finish_score(self, job_id: int) -> None:
         self._score_caches.pop(job_id, None)

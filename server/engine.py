@@ -68,7 +68,7 @@ class Decoder(Protocol):
     def cost(self, seq: Generation) -> int: ...
     def prefill(self, seq: Generation, budget: int) -> torch.Tensor | None: ...
     def decode(self, seqs: list[Generation]) -> torch.Tensor: ...
-    def score(self, job: ScoreJob, budget: int) -> list[float]: ...
+    def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]: ...
     def finish_score(self, job_id: int) -> None: ...
 
 
@@ -224,9 +224,8 @@ class Engine:
         if plan.decode:
             self.metrics.step_duration.observe(elapsed)
             self.metrics.batch_size.observe(len(plan.decode))
-            self.metrics.decode_positions.labels("cache").inc(plan.cached_rows)
-            window_positions = plan.decode_positions - plan.cached_rows
-            self.metrics.decode_positions.labels("window").inc(window_positions)
+            self.metrics.positions.labels("decode").inc(plan.cached_rows)
+            self.metrics.positions.labels("window").inc(plan.decode_positions - plan.cached_rows)
 
     def _shutdown(self) -> None:
         with self._wake:
@@ -310,6 +309,7 @@ class Engine:
             except Exception:
                 self._fail(generation, "prompt processing")
                 continue
+            self.metrics.positions.labels("prompt").inc(positions)
             if logits is not None:
                 rows.append((generation, logits))
         by_model: dict[int, list[Generation]] = {}
@@ -332,13 +332,15 @@ class Engine:
             job.started = True
             self.metrics.queue_time.labels("Score").observe(self.clock() - job.received)
         try:
-            job.logprobs.extend(job.served.decoder.score(job, budget))
+            logprobs, positions = job.served.decoder.score(job, budget)
         except Exception as exc:
             log.exception("Score failed (%d characters, model step %d)",
                           len(job.params.ids), job.served.loaded.info.step)  # fmt: skip
             self._drop_score(job)
             job.result.set_exception(exc)
             return
+        job.logprobs.extend(logprobs)
+        self.metrics.positions.labels("score").inc(positions)
         if job.done:
             self._drop_score(job)
             self.metrics.scored_characters.inc(len(job.logprobs))

@@ -51,11 +51,11 @@ class ServerMetrics:
             "chargpt_batch_size", "Generations decoded together in one step.",
             buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
-        self.decode_positions = Counter(
-            "chargpt_decode_positions",
-            "Positions computed to decode the next characters, by path: cache (one per "
-            "character) or window (a whole block recomputed per character).",
-            ["path"], registry=r,
+        self.positions = Counter(
+            "chargpt_computed_positions",
+            "Positions the model computed, by work: decode (one per character, from the KV "
+            "cache), window (a whole block recomputed per character), prompt, score.",
+            ["work"], registry=r,
         )  # fmt: skip
         self.generated_characters = Counter(
             "chargpt_generated_characters", "Characters generated (sampled).", registry=r
@@ -107,8 +107,8 @@ class ServerMetrics:
             self.finished.labels(reason)
         for reason in ("overloaded", "invalid", "no_model", "draining"):
             self.rejected.labels(reason)
-        for path in ("cache", "window"):
-            self.decode_positions.labels(path)
+        for work in ("decode", "window", "prompt", "score"):
+            self.positions.labels(work)
         for outcome in ("loaded", "refused"):
             self.reloads.labels(outcome)
         self._http = None

@@ -104,7 +104,7 @@ def test_score_equals_the_reference_per_position(config: GPTConfig, budget: int)
     for first_target in (1, 9, 30):
         job = ScoreJob(ScoreParams(ids, first_target, first_target - 1), None, 0.0)  # type: ignore[arg-type]
         while not job.done:
-            job.logprobs.extend(decoder.score(job, budget))
+            job.logprobs.extend(decoder.score(job, budget)[0])
         decoder.finish_score(job.id)
         expected = [
             float(torch.log_softmax(reference_logits(m, ids[:i]), dim=-1)[ids[i]])

@@ -84,10 +84,12 @@ class FakeDecoder:
             self.processed[s.id] = len(s.tokens)
         return torch.stack([self.logits(s.id) for s in seqs])
 
-    def score(self, job: ScoreJob, budget: int) -> list[float]:
+    def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]:
+        if self.broken:
+            raise RuntimeError("this model's forward pass is broken")
         end = min(len(job.params.ids), job.next_target + budget)
         self.scored.append(end - job.next_target)
-        return [-1.0] * (end - job.next_target)
+        return [-1.0] * (end - job.next_target), end - job.next_target
 
     def finish_score(self, job_id: int) -> None:
         pass
@@ -282,3 +284,17 @@ def test_shutdown_ends_everything(clock: Clock) -> None:
         job.result.result()
     with pytest.raises(EngineStoppedError):
         e.submit_generation(params(), model, queue.SimpleQueue())
+
+
+def test_a_failing_score_fails_alone(clock: Clock) -> None:
+    e, broken, fine = engine(clock), served(FakeDecoder(broken=True), 1), served(FakeDecoder(), 2)
+    q = queue.SimpleQueue()
+    stream = e.submit_generation(params(n=5), fine, q)
+    bad = e.submit_score(ScoreParams([0] * 20, 1, 0), broken)
+    good = e.submit_score(ScoreParams([0] * 20, 1, 0), fine)
+    for _ in range(5):
+        e.step()
+    with pytest.raises(RuntimeError, match="broken"):
+        bad.result.result()
+    assert good.result.result() == [-1.0] * 19
+    assert events(q)[-1].reason == FinishReason.LENGTH and stream.generated == 5  # type: ignore[union-attr]

@@ -49,8 +49,8 @@ def test_greedy_two_thousand_characters_equal_the_reference(
     assert summary.usage.generated_characters == 2000
     assert text == reference_text(reference, "ROMEO:", 2000, SamplingParams(temperature=0))
     # Every character after the prompt came from the cache: one position per step.
-    assert server.metric("chargpt_decode_positions_total", path="cache") >= 1999
-    assert server.metric("chargpt_decode_positions_total", path="window") == 0
+    assert server.metric("chargpt_computed_positions_total", work="decode") >= 1999
+    assert server.metric("chargpt_computed_positions_total", work="window") == 0
 
 
 def test_seeded_sampling_equals_the_reference_and_the_offline_sampler(
