@@ -1,4 +1,2 @@
 """chargpt: a character-level GPT, its checkpoint format and sampling, shared by the
 trainer (``trainer/``) and the inference service (``server/``)."""
-
-__version__ = "0.1.0"

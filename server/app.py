@@ -1,8 +1,10 @@
 """Wiring the inference server together: gRPC (service, health, reflection), the
 engine, the model watcher and the metrics endpoint; and its graceful shutdown.
 
-Threads: the engine loop runs on the main thread (see ``Engine.start``); gRPC runs on
-one asyncio event loop in a thread of its own; the model watcher polls in another.
+Threads: the engine loop runs on the main thread (libgomp re-creates its worker threads
+for every parallel region entered from another thread, which made small decode steps 4x
+slower); gRPC runs on one asyncio event loop in a thread of its own; the model watcher
+polls in another.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class InferenceServer:
 
     def start(self) -> None:
         """Start listening and watching the checkpoint; the caller then runs
-        ``engine.run()`` (on the main thread) or ``engine.start()``."""
+        ``engine.run()`` on the main thread."""
         keep_freed_memory_mapped()
         if self.device.type == "cpu":
             configure_cpu_threads()

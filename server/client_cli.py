@@ -31,10 +31,13 @@ class ServerError(click.ClickException):
 
 
 def explain(error: grpc.RpcError, server: str) -> ServerError:
+    """One line for each way a call can fail, told apart by status code and the server's
+    ``chargpt-reason`` trailing metadata (never by the wording of the message)."""
     code, details = error.code(), error.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE and "no model loaded" in details:
+    reason = dict(error.trailing_metadata() or ()).get("chargpt-reason")
+    if reason == "no_model":
         return ServerError(f"server {server} is up but NOT_SERVING: {details}")
-    if code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details:
+    if reason in ("draining", "shutdown"):
         return ServerError(f"server {server} is shutting down")
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServerError(f"cannot reach a chargpt server at {server} ({details})")

@@ -14,6 +14,8 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+# Why a request was refused before it ran (the label of chargpt_rejected_requests_total).
+REJECTIONS = ("invalid", "overloaded", "no_model", "draining")
 
 
 class ServerMetrics:
@@ -105,7 +107,7 @@ class ServerMetrics:
             self.queue_time.labels(method)
         for reason in ("length", "stop", "time_limit", "cancelled", "shutdown", "error"):
             self.finished.labels(reason)
-        for reason in ("overloaded", "invalid", "no_model", "draining"):
+        for reason in REJECTIONS:
             self.rejected.labels(reason)
         for work in ("decode", "window", "prompt", "score"):
             self.positions.labels(work)

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 
 from chargpt.v1 import language_model_pb2 as pb
 from server.engine import Engine, EngineStoppedError, OverloadedError, ServedModel
-from server.metrics import ServerMetrics
+from server.metrics import REJECTIONS, ServerMetrics
 from server.requests import Chunk, Event, Finished, FinishReason, TokenDetail
 from server.validation import (
     InvalidRequestError,
@@ -42,19 +42,21 @@ SUMMARY_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
 }
-REJECTION_REASONS = {
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
-}
 T = TypeVar("T")
 
 
 class RequestError(Exception):
-    """End the call with ``code``; the message is bounded."""
+    """End the call with ``code``. ``reason`` (one word) travels in the ``chargpt-reason``
+    trailing metadata, and ``field`` (for invalid requests) in ``chargpt-field``, so that
+    clients can tell errors apart without reading the message, which is bounded."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str, field: str = "") -> None:
         super().__init__(bounded(message))
-        self.code = code
+        self.code, self.reason, self.field = code, reason, field
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        extra = (("chargpt-field", self.field),) if self.field else ()
+        return (("chargpt-reason", self.reason), *extra)
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,10 @@ class LanguageModelService:
 
     def _require_model(self) -> ServedModel:
         if self.draining:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "draining", "server is shutting down")
         served = self.model
         if served is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "no_model", "no model loaded yet")
         return served
 
     # ---- RPCs ------------------------------------------------------------------------
@@ -155,8 +157,7 @@ class LanguageModelService:
                 yield response
         except RequestError as exc:
             code = exc.code
-            self._count_rejection(exc.code)
-            await context.abort(exc.code, str(exc))
+            await self._abort(context, exc)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             code = grpc.StatusCode.CANCELLED
             raise
@@ -195,9 +196,11 @@ class LanguageModelService:
             if event.reason == FinishReason.CANCELLED:
                 return
             if event.reason == FinishReason.ERROR:
-                raise RequestError(grpc.StatusCode.INTERNAL, "generation failed on the server")
+                raise RequestError(
+                    grpc.StatusCode.INTERNAL, "internal", "generation failed on the server"
+                )
             if event.reason == FinishReason.SHUTDOWN:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server shut down")
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "shutdown", "server shut down")
             yield pb.GenerateResponse(
                 text=text, tokens=_tokens(tokens, vocab), summary=_summary(event)
             )
@@ -222,9 +225,11 @@ class LanguageModelService:
             self.engine.wake()
             raise
         except EngineStoppedError as exc:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "shutdown", str(exc)) from None
         except Exception:  # logged by the engine; this request alone fails
-            raise RequestError(grpc.StatusCode.INTERNAL, "scoring failed on the server") from None
+            raise RequestError(
+                grpc.StatusCode.INTERNAL, "internal", "scoring failed on the server"
+            ) from None
         total = math.fsum(logprobs)
         mean_nll = -total / len(logprobs)
         return pb.ScoreResponse(
@@ -292,8 +297,7 @@ class LanguageModelService:
             return await handler
         except RequestError as exc:
             code = exc.code
-            self._count_rejection(exc.code)
-            await context.abort(exc.code, str(exc))
+            await self._abort(context, exc)
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -308,22 +312,22 @@ class LanguageModelService:
         self.metrics.requests.labels(method, code.name).inc()
         self.metrics.request_duration.labels(method).observe(time.monotonic() - started)
 
-    def _count_rejection(self, code: grpc.StatusCode) -> None:
-        reason = REJECTION_REASONS.get(code)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            reason = "draining" if self.draining else "no_model"
-        if reason:
-            self.metrics.rejected.labels(reason).inc()
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: RequestError) -> None:
+        if exc.reason in REJECTIONS:
+            self.metrics.rejected.labels(exc.reason).inc()
+        await context.abort(exc.code, str(exc), exc.trailing_metadata())
 
 
 def _checked(validate: Callable[[Any], T], request: Message | Unparsable) -> T:
     """``validate(request)``, with unparsable bytes and invalid fields as INVALID_ARGUMENT."""
     if isinstance(request, Unparsable):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "invalid", request.message)
     try:
         return validate(request)
     except InvalidRequestError as exc:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(exc), field=exc.field
+        ) from None
 
 
 @contextlib.contextmanager
@@ -332,9 +336,9 @@ def _engine_errors() -> Iterator[None]:
     try:
         yield
     except OverloadedError as exc:
-        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", str(exc)) from None
     except EngineStoppedError as exc:
-        raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, "draining", str(exc)) from None
 
 
 def _tokens(details: list[TokenDetail], vocab: tuple[str, ...]) -> list[pb.GeneratedToken]:

@@ -187,6 +187,9 @@ def invalid(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
         if hasattr(result, "__iter__") and not isinstance(result, pb.ScoreResponse):
             list(result)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    metadata = dict(err.value.trailing_metadata())
+    assert metadata["chargpt-reason"] == "invalid"
+    assert err.value.details().startswith(metadata["chargpt-field"] + ":")
     return err.value
 
 
@@ -380,6 +383,7 @@ def test_lifecycle_health_reload_and_drain(trained_run: Path, tmp_path: Path) ->
         with pytest.raises(grpc.RpcError) as err:
             server.client.generate_text("ROMEO:", max_new_tokens=3)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dict(err.value.trailing_metadata())["chargpt-reason"] == "no_model"
         assert server.client.health("chargpt.v1.LanguageModel") == "NOT_SERVING"
         no_model = run_chargpt("generate", "hi", "--server", server.target)
         assert "NOT_SERVING" in no_model.stderr
