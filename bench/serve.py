@@ -1,16 +1,19 @@
-"""Serving throughput and latency against the reference generate, in one run.
+"""Serving throughput and latency, for the lecture-shaped model and a windowed rotary
+model of the same width and depth, against the reference generate, in one run.
 
-    python -m bench.serve --checkpoint PATH [--streams 1,8,64] [--chars 256]
-    python -m bench.serve --train-iters 1000      (trains a seed-default checkpoint first)
+    python -m bench.serve                      (trains both models first, a few minutes)
+    python -m bench.serve --lecture PATH --windowed PATH [--streams 1,8,64] [--chars 256]
 
-Starts ``chargpt serve`` as its own process, drives it from this process (grpc.aio, one
-event loop) with 1, 8 and 64 concurrent streams of 256-character sampled generations,
-and prints for each: aggregate characters/s, time to first token p50/p99 and
-inter-token latency p50/p99, all measured at the client (per character: the gap between
-the arrivals of consecutive characters). In the same run, with the server idle, it times
-the reference generate (crop to block_size, full forward, batch 1) on the same
-checkpoint: ``chargpt.model.reference_generate`` (our fused model) and the seed's own
-per-head model, and prints the ratios.
+For each model it starts ``chargpt serve`` as its own process and drives it from this
+process (grpc.aio, one event loop) with 1, 8 and 64 concurrent streams of 256-character
+sampled generations, and prints aggregate characters/s, time to first token p50/p99 and
+inter-token latency p50/p99, measured at the client (per character: the gap between the
+arrivals of consecutive characters). With the server idle, it times the reference
+generate at batch 1 on the lecture-shaped checkpoint (the lecture's own per-head model,
+and ``chargpt.model.reference_generate``) and prints the ratios.
+
+Then fairness: the inter-token latency of a 300-character greedy stream alone and beside
+a 16,384-character Score, and the Score's own time alone and beside the stream.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ from chargpt.sampling import SamplingParams
 from chargpt.v1 import language_model_pb2 as pb
 from chargpt.v1 import language_model_pb2_grpc as pb_grpc
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+# The windowed model: the lecture's width and depth, rotary positions, each position
+# attending to the 32 before it (the lecture's context), trained on 128-character blocks.
+WINDOWED_FLAGS = ["--position", "rope", "--attention-window", "32", "--block-size", "128"]
 
 
 def free_port() -> int:
@@ -55,46 +62,41 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def reference_rates(checkpoint: Path, chars: int) -> tuple[float, float]:
-    """Characters/s of reference_generate and of the seed's generate, batch 1."""
+    """Characters/s of reference_generate and of the lecture's generate, batch 1."""
     configure_cpu_threads()
     loaded = load_checkpoint(checkpoint)
     prompt = loaded.tokenizer.encode("ROMEO:")
     reference_generate(loaded.model, prompt, 20)  # warm up
     started = time.perf_counter()
-    reference_generate(
-        loaded.model, prompt, chars, SamplingParams(), torch.Generator().manual_seed(0)
-    )
+    reference_generate(loaded.model, prompt, chars, SamplingParams(), seed=0)
     ours = chars / (time.perf_counter() - started)
 
-    seed = PerHeadGPT(loaded.info.config).eval()
-    seed.load_state_dict(per_head_state_dict(loaded.model))
+    lecture = PerHeadGPT(loaded.info.config).eval()
+    lecture.load_state_dict(per_head_state_dict(loaded.model))
     block_size = loaded.info.config.block_size
     idx = torch.tensor([prompt])
     started = time.perf_counter()
     with torch.no_grad():  # the lecture's generate
         for _ in range(chars):
-            logits, _ = seed(idx[:, -block_size:])
+            logits, _ = lecture(idx[:, -block_size:])
             probs = F.softmax(logits[:, -1, :], dim=-1)
             idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
     return ours, chars / (time.perf_counter() - started)
 
 
-async def one_stream(stub: pb_grpc.LanguageModelStub, chars: int, seed: int) -> dict[str, object]:
-    request = pb.GenerateRequest(prompt="ROMEO:", max_new_tokens=chars, seed=seed, temperature=1.0)
+async def one_stream(
+    stub: pb_grpc.LanguageModelStub, chars: int, seed: int, temperature: float = 1.0
+) -> dict[str, object]:
+    request = pb.GenerateRequest(
+        prompt="ROMEO:", max_new_tokens=chars, seed=seed, temperature=temperature
+    )
     sent = time.perf_counter()
     arrivals: list[float] = []
-    summary = None
     async for response in stub.Generate(request):
         now = time.perf_counter()
         arrivals.extend([now] * len(response.text))
-        if response.HasField("summary"):
-            summary = response.summary
-    assert summary is not None and len(arrivals) == chars, "stream ended early"
-    return {
-        "ttft": arrivals[0] - sent,
-        "gaps": [b - a for a, b in itertools.pairwise(arrivals)],
-        "chars": len(arrivals),
-    }
+    assert len(arrivals) == chars, "stream ended early"
+    return {"ttft": arrivals[0] - sent, "gaps": [b - a for a, b in itertools.pairwise(arrivals)]}
 
 
 async def drive(target: str, streams: int, chars: int, rounds: int) -> dict[str, float]:
@@ -109,122 +111,133 @@ async def drive(target: str, streams: int, chars: int, rounds: int) -> dict[str,
             )
             results.extend(batch)
         wall = time.perf_counter() - started
-    total_chars = sum(int(r["chars"]) for r in results)  # type: ignore[call-overload]
     ttfts = [float(r["ttft"]) for r in results]  # type: ignore[arg-type]
     gaps = [g for r in results for g in r["gaps"]]  # type: ignore[attr-defined]
     return {
-        "chars_per_s": total_chars / wall,
+        "chars_per_s": len(results) * chars / wall,
         "ttft_p50": percentile(ttfts, 50),
         "ttft_p99": percentile(ttfts, 99),
         "itl_p50": percentile(gaps, 50),
         "itl_p99": percentile(gaps, 99),
-        "itl_mean": statistics.fmean(gaps),
     }
 
 
-def train_checkpoint(out_dir: Path, iters: int, data: str) -> Path:
+async def fairness(target: str, score_chars: int, text: str) -> dict[str, float]:
+    """A greedy 300-character stream alone, a long Score alone, then both together."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.LanguageModelStub(channel)
+        await one_stream(stub, 16, 0)
+        alone = await one_stream(stub, 300, 0, temperature=0.0)
+        started = time.perf_counter()
+        await stub.Score(pb.ScoreRequest(text=text[:score_chars]))
+        score_alone = time.perf_counter() - started
+
+        async def timed_score() -> float:
+            t0 = time.perf_counter()
+            await stub.Score(pb.ScoreRequest(text=text[:score_chars]))
+            return time.perf_counter() - t0
+
+        score_task = asyncio.ensure_future(timed_score())
+        await asyncio.sleep(0.2)  # let the Score start: the stream then runs beside it
+        beside = await one_stream(stub, 300, 0, temperature=0.0)
+        score_shared = await score_task
+    return {
+        "itl_alone": statistics.fmean(alone["gaps"]),  # type: ignore[arg-type]
+        "itl_beside": statistics.fmean(beside["gaps"]),  # type: ignore[arg-type]
+        "score_alone": score_alone,
+        "score_shared": score_shared,
+    }
+
+
+def train(out_dir: Path, iters: int, data: str, *flags: str) -> Path:
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chargpt",
-            "train",
-            "--data",
-            data,
-            "--out-dir",
-            str(out_dir),
-            "--max-iters",
-            str(iters),
-            "--eval-interval",
-            str(max(1, iters // 5)),
-            "--sample-length",
-            "0",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+        [sys.executable, "-m", "chargpt", "train", "--data", data, "--out-dir", str(out_dir),
+         "--max-iters", str(iters), "--eval-interval", str(max(1, iters // 5)),
+         "--sample-length", "0", *flags],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     return out_dir / "model.safetensors"
+
+
+class Server:
+    """``chargpt serve`` in its own process, SERVING on a free port."""
+
+    def __init__(self, checkpoint: Path, args: list[str]) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chargpt", "serve", "--checkpoint", str(checkpoint),
+             "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0", *args],
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait = [sys.executable, "-m", "chargpt", "health", "--server", self.target,
+                "--wait", "120"]  # fmt: skip
+        if subprocess.run(wait, capture_output=True).returncode:
+            self.proc.kill()
+            raise SystemExit("server did not become SERVING")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument(
-        "--train-iters",
-        type=int,
-        default=1000,
-        help="without --checkpoint: train a seed-default model this long",
-    )
+    parser.add_argument("--lecture", type=Path, help="a lecture-shaped checkpoint")
+    parser.add_argument("--windowed", type=Path, help="a windowed rotary checkpoint")
+    parser.add_argument("--train-iters", type=int, default=1000,
+                        help="train the models not given, this many steps each")  # fmt: skip
     parser.add_argument("--data", default=os.environ.get("CHARGPT_TINY_SHAKESPEARE", DEFAULT_DATA))
     parser.add_argument("--streams", default="1,8,64")
     parser.add_argument("--chars", type=int, default=256)
+    parser.add_argument("--score-chars", type=int, default=16_384)
     parser.add_argument(
         "--server-arg",
         action="append",
         default=[],
-        help="extra chargpt serve flag, e.g. --server-arg=--max-running=64",
+        help="extra chargpt serve flag, e.g. --server-arg=--max-running=32",
     )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint or train_checkpoint(
-            Path(tmp), args.train_iters, str(args.data)
+        lecture = args.lecture or train(Path(tmp, "lecture"), args.train_iters, str(args.data))
+        windowed = args.windowed or train(
+            Path(tmp, "windowed"), args.train_iters, str(args.data), *WINDOWED_FLAGS
         )
-        ours_ref, seed_ref = reference_rates(checkpoint, args.chars)
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "chargpt",
-                "serve",
-                "--checkpoint",
-                str(checkpoint),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--metrics-port",
-                "0",
-                *args.server_arg,
-            ],
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            target = f"127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                check = subprocess.run(
-                    [sys.executable, "-m", "chargpt", "health", "--server", target],
-                    capture_output=True,
-                )
-                if check.returncode == 0:
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not become SERVING")
-                time.sleep(0.5)
-            print(f"checkpoint {checkpoint}; {args.chars}-character sampled generations")
-            print(
-                f"reference generate, batch 1: chargpt.model.reference_generate "
-                f"{ours_ref:.0f} chars/s; the seed's per-head model {seed_ref:.0f} chars/s"
-            )
-            print(
-                f"{'streams':>7} {'chars/s':>9} {'x ref':>6} {'x seed':>6} "
-                f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
-            )
-            for streams in (int(s) for s in args.streams.split(",")):
-                rounds = 4 if streams == 1 else 2 if streams <= 8 else 1
-                r = asyncio.run(drive(target, streams, args.chars, rounds))
-                print(
-                    f"{streams:>7} {r['chars_per_s']:>9.0f} {r['chars_per_s'] / ours_ref:>6.2f} "
-                    f"{r['chars_per_s'] / seed_ref:>6.2f} {r['ttft_p50'] * 1e3:>7.1f}ms "
-                    f"{r['ttft_p99'] * 1e3:>7.1f}ms {r['itl_p50'] * 1e3:>6.2f}ms "
-                    f"{r['itl_p99'] * 1e3:>6.2f}ms",
-                    flush=True,
-                )
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
+        ours_ref, lecture_ref = reference_rates(lecture, args.chars)
+        print(f"{args.chars}-character sampled generations; reference generate at batch 1 on "
+              f"the lecture-shaped model: the lecture's per-head model {lecture_ref:.0f} "
+              f"chars/s, chargpt.model.reference_generate {ours_ref:.0f} chars/s")  # fmt: skip
+        print(f"{'model':>9} {'streams':>7} {'chars/s':>9} {'x lecture':>9} {'x ref':>6} "
+              f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")  # fmt: skip
+        for name, checkpoint in (("lecture", lecture), ("windowed", windowed)):
+            server = Server(checkpoint, args.server_arg)
+            try:
+                for streams in (int(s) for s in args.streams.split(",")):
+                    rounds = 4 if streams == 1 else 2 if streams <= 8 else 1
+                    r = asyncio.run(drive(server.target, streams, args.chars, rounds))
+                    print(
+                        f"{name:>9} {streams:>7} {r['chars_per_s']:>9.0f} "
+                        f"{r['chars_per_s'] / lecture_ref:>9.1f} "
+                        f"{r['chars_per_s'] / ours_ref:>6.2f} {r['ttft_p50'] * 1e3:>7.1f}ms "
+                        f"{r['ttft_p99'] * 1e3:>7.1f}ms {r['itl_p50'] * 1e3:>6.2f}ms "
+                        f"{r['itl_p99'] * 1e3:>6.2f}ms",
+                        flush=True,
+                    )
+                if name == "lecture":
+                    text = Path(args.data).read_text()[-args.score_chars - 1000 :]
+                    f = asyncio.run(fairness(server.target, args.score_chars, text))
+                    alone = f["itl_alone"] * 1e3
+                    print(
+                        f"fairness (lecture): 300-char stream ITL alone {alone:.2f} ms, "
+                        f"beside a {args.score_chars}-char Score "
+                        f"{f['itl_beside'] * 1e3:.2f} ms ({f['itl_beside'] / f['itl_alone']:.2f}x);"
+                        f" the Score alone {f['score_alone']:.1f} s, beside the stream "
+                        f"{f['score_shared']:.1f} s",
+                        flush=True,
+                    )
+            finally:
+                server.close()
 
 
 if __name__ == "__main__":

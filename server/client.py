@@ -74,10 +74,15 @@ class LanguageModelClient:
     def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout)
 
-    def health(self, service: str = "", timeout: float | None = None) -> str:
-        """SERVING, NOT_SERVING, ... (the grpc.health.v1 status name)."""
+    def health(
+        self, service: str = "", timeout: float | None = None, wait_for_ready: bool = False
+    ) -> str:
+        """SERVING, NOT_SERVING, ... (the grpc.health.v1 status name). ``wait_for_ready``:
+        wait (up to the timeout) for a server that is not listening yet."""
         response = self.health_stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=timeout or self.timeout,
+            wait_for_ready=wait_for_ready,
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 

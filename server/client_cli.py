@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -164,15 +165,28 @@ def score(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=3.0,
-    help="Seconds to wait for the answer.",
+    help="Seconds to wait for each answer.",
 )
-def health(server: str, service: str, timeout: float) -> int:
+@option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Keep asking for up to this many seconds until the server is SERVING "
+    "(for scripts that start one: chargpt serve ... & chargpt health --wait 60).",
+)
+def health(server: str, service: str, timeout: float, wait: float) -> int:
     """Ask grpc.health.v1; exit 0 only if the server answers SERVING."""
+    deadline = time.monotonic() + wait
     with LanguageModelClient(server, timeout) as client:
-        try:
-            status = client.health(service)
-        except grpc.RpcError as exc:
-            click.echo(f"{server}: no answer ({exc.code().name}: {exc.details()})", err=True)
-            return 1
-    click.echo(f"{server}: {status}")
+        while True:
+            try:
+                status = client.health(service, wait_for_ready=wait > 0)
+                line, error = f"{server}: {status}", False
+            except grpc.RpcError as exc:
+                status, error = "", True
+                line = f"{server}: no answer ({exc.code().name}: {exc.details()})"
+            if status == "SERVING" or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    click.echo(line, err=error)
     return 0 if status == "SERVING" else 1

@@ -110,7 +110,9 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.params.prompt_ids)
-        self.matcher: StopMatcher[TokenDetail] = StopMatcher(self.params.stop)
+        self.matcher: StopMatcher[TokenDetail] | None = (
+            StopMatcher(self.params.stop) if self.params.stop else None
+        )
 
     @property
     def generated(self) -> int:
@@ -127,17 +129,24 @@ class Generation:
     def append(self, token: int, detail: TokenDetail, char: str) -> Chunk | None:
         """Add a generated character; returns what may be streamed now."""
         self.tokens.append(token)
+        if self.matcher is None:
+            return Chunk(char, [detail])
         released = self.matcher.feed(char, detail)
         return _chunk(released) if released else None
 
     def flush(self) -> Chunk | None:
         """Whatever the stop matcher still holds back (at the end of the generation)."""
-        released = self.matcher.flush()
+        released = self.matcher.flush() if self.matcher is not None else []
         return _chunk(released) if released else None
+
+    @property
+    def stop_sequence(self) -> str:
+        """The stop sequence that ended the generation, or ''."""
+        return (self.matcher.matched if self.matcher is not None else None) or ""
 
     def finish_reason(self) -> FinishReason | None:
         """LENGTH or STOP once the latest character ended the generation, else None."""
-        if self.matcher.matched is not None:
+        if self.stop_sequence:
             return FinishReason.STOP
         if self.generated >= self.params.max_new_tokens:
             return FinishReason.LENGTH
@@ -148,7 +157,7 @@ class Generation:
         first = self.first_token if self.first_token is not None else now
         return Finished(
             reason=reason,
-            stop_sequence=self.matcher.matched or "",
+            stop_sequence=self.stop_sequence,
             prompt_characters=len(self.params.prompt_ids),
             generated_characters=self.generated,
             seed=self.params.seed,
