@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch
 
 from chargpt.checkpoint import load_checkpoint, load_resume_state, read_checkpoint
 from tests.conftest import REPO, TINY_MODEL, run_chargpt
-from tests.server_process import wait_until
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -168,6 +166,12 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path.read_bytes())[0]
 
 
+def signalled_at_step(step: int, signame: str, rank: int = 0) -> list[str]:
+    """The module (and its arguments) that runs ``chargpt`` and signals it right after
+    optimizer step ``step`` (``tests/signal_at_step.py``)."""
+    return ["tests.signal_at_step", str(step), signame, str(rank)]
+
+
 def test_sigterm_saves_and_resume_ends_with_the_same_weights(
     small_text_file: Path, tmp_path: Path
 ) -> None:
@@ -177,17 +181,16 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
 
     out = tmp_path / "stopped"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chargpt", *train_args(small_text_file, out, *args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    command = [sys.executable, "-m", *signalled_at_step(77, "SIGTERM")]
+    stopped = subprocess.run(
+        [*command, *train_args(small_text_file, out, *args)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )  # fmt: skip
-    wait_until(lambda: (out / "log.jsonl").read_text())
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    assert "SIGTERM: stopped at step" in stdout
+    assert stopped.returncode == 0, stopped.stderr
+    assert "SIGTERM: stopped at step" in stopped.stdout
     stopped_at = load_resume_state(out / "resume.pt")["step"]
     assert 50 <= stopped_at < 300  # it really was interrupted mid-run
+    assert stopped_at == 77  # between two evaluations: the stop itself saved the state
 
     resumed = run_chargpt(*train_args(small_text_file, out, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
