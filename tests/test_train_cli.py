@@ -139,6 +139,57 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     assert after == before
 
 
+def test_architecture_options_come_from_flags_config_and_environment(
+    small_text_file: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text('norm = "rmsnorm"\nattention-window = 8\n')
+    out = tmp_path / "out"
+    result = run_chargpt(
+        *train_args(small_text_file, out, "--max-iters", "4", "--eval-interval", "2",
+                    "--config", str(config), "--position", "rope", "--qk-norm",
+                    "--tie-embeddings", "--no-bias", "--logit-softcap", "15"),
+        env={"CHARGPT_ACTIVATION": "relu2"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = run_chargpt("info", str(out / "model.safetensors"), "--json")
+    architecture = json.loads(info.stdout)["architecture"]
+    assert {k: architecture[k] for k in (
+        "position", "norm", "activation", "qk_norm", "tie_embeddings", "bias", "logit_softcap",
+        "attention_window", "block_size",
+    )} == {
+        "position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True,
+        "tie_embeddings": True, "bias": False, "logit_softcap": 15.0, "attention_window": 8,
+        "block_size": 16,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--attention-window", "8"], "attention_window needs position rope"),
+        (
+            ["--position", "rope", "--attention-window", "17"],
+            "attention_window (17) must not exceed block_size (16)",
+        ),
+        (["--logit-softcap", "-1"], "--logit-softcap"),
+        (["--activation", "swish"], "--activation"),
+        (
+            ["--position", "rope", "--n-embd", "30", "--n-head", "2"],
+            "position rope needs an even head size",
+        ),
+    ],
+)
+def test_bad_option_combinations_are_one_line_and_write_nothing(
+    args: list[str], expected: str, small_text_file: Path, tmp_path: Path
+) -> None:
+    result = run_chargpt(*train_args(small_text_file, tmp_path / "out", *args))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Error: ") and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_refusals(small_text_file: Path, tmp_path: Path, trained_run: Path) -> None:
     out = tmp_path / "run"
     shutil.copytree(trained_run, out)
@@ -146,6 +197,7 @@ def test_resume_refusals(small_text_file: Path, tmp_path: Path, trained_run: Pat
     cases = [
         (train_args(small_text_file, tmp_path / "empty-dir", "--resume"), "no run to resume"),
         (train_args(small_text_file, out, "--resume", "--n-layer", "3"), "another architecture"),
+        (train_args(small_text_file, out, "--resume", "--position", "rope"), "position=learned"),
         (train_args(small_text_file, out), "already holds a run"),
     ]
     other_text = tmp_path / "other.txt"

@@ -38,10 +38,10 @@ from chargpt.checkpoint import (
     save_checkpoint,
     save_resume_state,
 )
-from chargpt.model import GPT, GPTConfig, reference_generate
+from chargpt.model import GPT, reference_generate
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
 from chargpt.sampling import SamplingParams
-from trainer.config import TrainConfig
+from trainer.config import ARCHITECTURE_FIELDS, TrainConfig
 from trainer.data import (
     BatchSampler,
     Corpus,
@@ -54,7 +54,6 @@ from trainer.metrics import TrainerMetrics
 from trainer.progress import Progress, format_duration, format_rate
 
 RESUME_FORMAT = "chargpt-resume/1"
-ARCHITECTURE_FIELDS = ("block_size", "n_embd", "n_head", "n_layer")
 
 
 class TrainError(Exception):
@@ -227,7 +226,11 @@ def check_resumable(
 ) -> None:
     if state.get("format") != RESUME_FORMAT:
         raise TrainError(f"--resume: {files.resume} is not a chargpt resume file")
-    saved = state["train_config"]
+    defaults = TrainConfig()  # runs saved before an option existed used its default
+    saved = {
+        name: state["train_config"].get(name, getattr(defaults, name))
+        for name in ARCHITECTURE_FIELDS
+    }
     different = [
         f"{name}={saved[name]} there, {getattr(cfg, name)} here"
         for name in ARCHITECTURE_FIELDS
@@ -338,16 +341,7 @@ def _train(cfg: TrainConfig, dist: Distributed, progress: Progress) -> TrainResu
         check_resumable(resume_state, cfg, corpus, files)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = GPT(
-        GPTConfig(
-            vocab_size=corpus.tokenizer.vocab_size,
-            block_size=cfg.block_size,
-            n_embd=cfg.n_embd,
-            n_head=cfg.n_head,
-            n_layer=cfg.n_layer,
-            dropout=cfg.dropout,
-        )
-    ).to(device)
+    model = GPT(cfg.model_config(corpus.tokenizer.vocab_size)).to(device)
     optimizer = make_optimizer(model, cfg, device)
     sampler = BatchSampler(
         corpus.train, cfg.block_size, cfg.batch_size, cfg.seed, dist.rank, dist.world_size
