@@ -11,10 +11,8 @@ from chargpt.checkpoint import (
     CheckpointError,
     CheckpointInfo,
     load_checkpoint,
-    load_resume_state,
     read_checkpoint,
     save_checkpoint,
-    save_resume_state,
 )
 from chargpt.model import GPT, GPTConfig
 
@@ -180,29 +178,6 @@ def test_a_polling_reader_never_sees_a_partial_file(tmp_path: Path) -> None:
     summary = results.get(timeout=60)
     assert summary.startswith("ok ") and summary.endswith(" bad 0"), summary
     assert int(summary.split()[1]) > 0
-
-
-def test_resume_state_round_trip_with_weights_only(tmp_path: Path) -> None:
-    model = GPT(CONFIG)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
-    optimizer.step()
-    state = {
-        "step": 3,
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "name": "x",
-        "best": float("inf"),
-    }
-    save_resume_state(tmp_path / "resume.pt", state)
-    loaded = load_resume_state(tmp_path / "resume.pt")
-    assert loaded["step"] == 3 and loaded["name"] == "x"
-    assert torch.equal(loaded["rng"], state["rng"])
-    restored = torch.optim.AdamW(model.parameters())
-    restored.load_state_dict(loaded["optimizer"])
-    (tmp_path / "resume.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError):
-        load_resume_state(tmp_path / "resume.pt")
 
 
 def test_concurrent_saves_from_threads_stay_consistent(tmp_path: Path) -> None:

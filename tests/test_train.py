@@ -1,4 +1,4 @@
-"""The training loop in process: every architecture option."""
+"""The training loop in process: architecture options, the progress line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ TINY = {
     "eval_batch_size": 32, "sample_length": 0, "max_iters": 40, "eval_interval": 10,
     "warmup_iters": 5, "learning_rate": 3e-3,
 }  # fmt: skip
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def train_quietly(
@@ -66,3 +71,11 @@ def test_every_architecture_option_trains_and_round_trips(
     assert rebuilt.keys() == stored.keys()
     for name, tensor in stored.items():
         assert torch.equal(rebuilt[name], tensor), name
+
+
+def test_the_progress_line_is_drawn_without_a_metrics_server(
+    small_text_file: Path, tmp_path: Path
+) -> None:
+    terminal = Terminal()
+    train_quietly(small_text_file, tmp_path / "out", terminal, max_iters=5, metrics_port=0)
+    assert "\r[" in terminal.getvalue() and "| loss " in terminal.getvalue()

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt.checkpoint import load_checkpoint, load_resume_state, read_checkpoint
+from chargpt.checkpoint import load_checkpoint, read_checkpoint
 from tests.conftest import REPO, TINY_MODEL, run_chargpt
+from trainer.state import load_train_state
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -240,7 +241,7 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
     )  # fmt: skip
     assert stopped.returncode == 0, stopped.stderr
     assert "SIGTERM: stopped at step" in stopped.stdout
-    stopped_at = load_resume_state(out / "resume.pt")["step"]
+    stopped_at = load_train_state(out / "resume.pt").step
     assert 50 <= stopped_at < 300  # it really was interrupted mid-run
     assert stopped_at == 77  # between two evaluations: the stop itself saved the state
 
@@ -264,22 +265,34 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
     ]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_torchrun_two_cpu_processes_write_one_checkpoint(
-    small_text_file: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "ddp"
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None, reason="torchrun not installed"
+)
+DDP_ARGS = ["--max-iters", "30", "--eval-interval", "15", "--device", "cpu"]
+
+
+def torchrun(*command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` (a module and its arguments) in two CPU processes under torchrun."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    result = subprocess.run(
-        [
-            "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "chargpt",
-            *train_args(small_text_file, out, "--max-iters", "30", "--eval-interval", "15",
-                        "--device", "cpu"),
-        ],
+    return subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", *command],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_run(small_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 30-step run of two CPU processes."""
+    out = tmp_path_factory.mktemp("ddp")
+    result = torchrun("chargpt", *train_args(small_text_file, out, *DDP_ARGS))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x2 ranks" in result.stdout
+    return out
+
+
+@needs_torchrun
+def test_torchrun_two_cpu_processes_write_one_checkpoint(ddp_run: Path) -> None:
+    out = ddp_run
     assert sorted(p.name for p in out.iterdir()) == [
         "latest.safetensors",
         "log.jsonl",
@@ -291,6 +304,30 @@ def test_torchrun_two_cpu_processes_write_one_checkpoint(
     info = load_checkpoint(out / "model.safetensors").info
     assert info.training["world_size"] == 2
     assert records[-1]["tokens"] == 30 * 2 * 8 * 16  # steps x ranks x batch x block
+
+
+@needs_torchrun
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
+    ddp_run: Path, small_text_file: Path, tmp_path: Path
+) -> None:
+    # Rank 1 alone gets SIGTERM after step 13; the ranks agree on stopping every 10 steps
+    # (an all-reduce waits for the device, so not every step), so both stop after step 20.
+    out = tmp_path / "stopped"
+    stopped = torchrun(
+        *signalled_at_step(13, "SIGTERM", rank=1),
+        *train_args(small_text_file, out, *DDP_ARGS),
+    )
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "SIGTERM: stopped at step 20" in stopped.stdout
+    assert load_train_state(out / "resume.pt").step == 20
+
+    resumed = torchrun("chargpt", *train_args(small_text_file, out, *DDP_ARGS, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 20" in resumed.stdout
+    a, b = tensors(ddp_run / "latest.safetensors"), tensors(out / "latest.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_text_without_newlines_trains_and_samples(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ import click
 from chargpt.settings import InputError, LayeredCommand, build, config_option, options
 from trainer.config import TrainConfig
 from trainer.data import DataError
-from trainer.train import Distributed, TrainError, run_training
+from trainer.distributed import Distributed
+from trainer.train import TrainError, run_training
 
 
 @click.command(cls=LayeredCommand)
