@@ -1,9 +1,9 @@
-"""Training throughput: the seed's per-head model and training step (the baseline)
+"""Training throughput: the lecture's per-head model and training step (the baseline)
 against ours, on the same batches, in one process, interleaved.
 
     python -m bench.train_speed [--data PATH] [--steps 600] [--chunk 50]
 
-Both train the seed-default model (batch 16, block 32, 8 layers, 4 heads, 64 wide) on
+Both train the lecture-default model (batch 16, block 32, 8 layers, 4 heads, 64 wide) on
 Tiny Shakespeare. The baseline is the lecture's code: one module per head, plain AdamW,
 ``get_batch`` stacking slices. Ours is the trainer's step: fused QKV + SDPA, fused
 AdamW with weight-decay groups, gradient clipping, one gather per batch. The two run
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.lecture import PerHeadGPT
-from chargpt.model import GPT, GPTConfig
+from chargpt.model import GPT
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped
 from trainer.config import TrainConfig
 from trainer.data import Corpus, read_text
@@ -44,10 +44,7 @@ def main() -> None:
     text, sha = read_text(args.data)
     corpus = Corpus.from_text(text, sha, cfg.block_size)
     data = corpus.train
-    config = GPTConfig(
-        vocab_size=corpus.tokenizer.vocab_size, block_size=cfg.block_size, n_embd=cfg.n_embd,
-        n_head=cfg.n_head, n_layer=cfg.n_layer, dropout=cfg.dropout,
-    )  # fmt: skip
+    config = cfg.model_config(corpus.tokenizer.vocab_size)
     generator = torch.Generator().manual_seed(0)
     total = args.warmup + args.steps
     starts = [
@@ -56,19 +53,19 @@ def main() -> None:
     ]
 
     torch.manual_seed(0)
-    seed_model = PerHeadGPT(config)
-    seed_optimizer = torch.optim.AdamW(seed_model.parameters(), lr=cfg.learning_rate)
+    lecture_model = PerHeadGPT(config)
+    lecture_optimizer = torch.optim.AdamW(lecture_model.parameters(), lr=cfg.learning_rate)
     our_model = GPT(config)
     our_optimizer = make_optimizer(our_model, cfg, torch.device("cpu"))
     window = torch.arange(cfg.block_size + 1)
 
-    def seed_step(ix: torch.Tensor) -> None:  # the lecture's get_batch and loop body
+    def lecture_step(ix: torch.Tensor) -> None:  # the lecture's get_batch and loop body
         x = torch.stack([data[i : i + cfg.block_size] for i in ix])
         y = torch.stack([data[i + 1 : i + cfg.block_size + 1] for i in ix])
-        _, loss = seed_model(x, y)
-        seed_optimizer.zero_grad(set_to_none=True)
+        _, loss = lecture_model(x, y)
+        lecture_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        seed_optimizer.step()
+        lecture_optimizer.step()
 
     def our_step(ix: torch.Tensor) -> None:  # BatchSampler's gather and the trainer's step
         w = data[ix[:, None] + window]
@@ -76,26 +73,26 @@ def main() -> None:
                    contextlib.nullcontext())  # fmt: skip
 
     for ix in starts[: args.warmup]:
-        seed_step(ix)
+        lecture_step(ix)
         our_step(ix)
-    elapsed = {"seed": 0.0, "ours": 0.0}
+    elapsed = {"lecture": 0.0, "ours": 0.0}
     measured = starts[args.warmup :]
     for begin in range(0, len(measured), args.chunk):
         chunk = measured[begin : begin + args.chunk]
-        for name, step in (("seed", seed_step), ("ours", our_step)):
+        for name, step in (("lecture", lecture_step), ("ours", our_step)):
             t0 = time.perf_counter()
             for ix in chunk:
                 step(ix)
             elapsed[name] += time.perf_counter() - t0
 
     tokens = len(measured) * cfg.batch_size * cfg.block_size
-    print(f"training throughput, seed-default model, {len(measured)} steps each, "
+    print(f"training throughput, lecture-default model, {len(measured)} steps each, "
           f"{threads} threads, torch {torch.__version__}")  # fmt: skip
-    for name, label in (("seed", "baseline (seed per-head)"), ("ours", "chargpt")):
+    for name, label in (("lecture", "baseline (lecture per-head)"), ("ours", "chargpt")):
         seconds = elapsed[name]
         print(f"  {label:26s} {tokens / seconds:9.0f} tokens/s  "
               f"{seconds / len(measured) * 1e3:6.2f} ms/step")  # fmt: skip
-    print(f"  ratio chargpt / baseline: {elapsed['seed'] / elapsed['ours']:.2f}x")
+    print(f"  ratio chargpt / baseline: {elapsed['lecture'] / elapsed['ours']:.2f}x")
 
 
 if __name__ == "__main__":

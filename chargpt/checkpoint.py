@@ -9,14 +9,13 @@ Files are published atomically: written to a temporary name in the same director
 flushed and fsynced, then ``os.replace``d over the final name, so a reader never sees a
 partial file.
 
-Resume state (optimizer moments, RNG states, step) is separate: a ``torch.save`` file that
-only the trainer reads, with ``weights_only=True``.
+Resume state (optimizer moments, RNG states, step) is the trainer's own business and
+lives apart from the served file (``trainer/state.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -232,20 +231,3 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: {exc}") from None
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, CharTokenizer(info.vocab), info, hashlib.sha256(data).hexdigest())
-
-
-def save_resume_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write trainer-only resume state atomically (tensors, numbers, strings, containers)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def load_resume_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"no resume state at {path}") from None
-    except Exception as exc:  # torch raises many types, with long messages, for a bad file
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: cannot read resume state: {reason}") from None

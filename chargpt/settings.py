@@ -1,30 +1,211 @@
-"""Layered command settings: flags, then a config file, then ``CHARGPT_*`` environment
-variables, then defaults, in that order of precedence.
+"""Command settings declared once, on a frozen dataclass, and layered from four sources.
 
-Click reads flags, environment variables and defaults itself; ``LayeredCommand`` adds the
-config file (``--config``, TOML or JSON, keys named like the flags) between flags and the
-environment.
+Each field carries its default, its help text and its range or choices::
+
+    @dataclass(frozen=True)
+    class Config:
+        batch_size: int = setting(16, "Sequences per step, per process.", minimum=1)
+        dropout: float = setting(0.0, "Dropout probability.", minimum=0, below=1)
+        norm: str = setting("layernorm", "Normalisation.", choices=("layernorm", "rmsnorm"))
+        bias: bool = setting(True, "Biases in linear layers.", negatable=True)
+
+        def __post_init__(self) -> None:
+            check_settings(self)  # every field's declared range and choices
+            ...  # checks that involve several fields
+
+    @click.command(cls=LayeredCommand)
+    @options(Config)
+    @config_option()
+    def command(config: str | None, **values: object) -> None:
+        cfg = build(Config, values)
+
+``options`` turns every ``setting`` field into a click option, in declaration order: the
+flag is the field's name in kebab case (``--batch-size``; ``--bias/--no-bias`` for a
+``negatable`` bool, a plain ``--flag`` for other bools), the click type follows the
+annotation (int and float get an ``IntRange`` or ``FloatRange`` from the bounds, str with
+``choices`` a ``Choice``; ``type=`` overrides it), and ``--help`` shows the default and the
+``CHARGPT_<NAME>`` environment variable. ``check_settings`` applies the same bounds and
+choices to an instance built in Python, so no range is written twice. ``build`` makes the
+instance from click's values and turns a ``ValueError`` from its checks into an
+``InputError``: one ``Error:`` line, exit 2. ``setting(REQUIRED, ...)`` declares a field
+without a default, whose flag must be given. Fields declared without ``setting`` are not
+options; pass them to ``build`` yourself (a nested dataclass, for instance). Several
+classes can share one command: ``@options(ServerConfig, Limits)``, then
+``build(ServerConfig, values, limits=build(Limits, values))``.
+
+Precedence, highest first: a flag on the command line, the ``--config`` file (TOML or
+JSON, keys named like the flags with ``-`` or ``_``), a ``CHARGPT_*`` environment variable,
+the default. The file beats the environment on purpose: the container image bakes
+``CHARGPT_*`` defaults into its environment, and a config file mounted into the container
+must be able to override them without the operator unsetting variables the image set.
+Click reads flags, environment variables and defaults itself; ``LayeredCommand`` slots the
+file in between.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import operator
 import tomllib
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import click
 from click.core import ParameterSource
 
 ENV_PREFIX = "CHARGPT_"
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+_SETTING = "chargpt.setting"
+REQUIRED: Any = dataclasses.MISSING  # setting(REQUIRED, ...): no default; the flag is required
 
 
 class InputError(click.ClickException):
     """Bad input found before any work was done: one line, exit code 2."""
 
     exit_code = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What a ``setting`` field says about itself besides its default."""
+
+    help: str
+    minimum: float | None = None  # value >= minimum
+    maximum: float | None = None  # value <= maximum
+    above: float | None = None  # value > above
+    below: float | None = None  # value < below
+    choices: tuple[str, ...] | None = None
+    type: click.ParamType | None = None  # overrides the type inferred from the annotation
+    negatable: bool = False  # a bool shown as --name/--no-name rather than a bare --name
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``"must be ..."``), or None."""
+        if value is None:
+            return None
+        if self.choices is not None:
+            return None if value in self.choices else f"must be one of {', '.join(self.choices)}"
+        declared = (
+            (self.minimum, ">=", operator.ge),
+            (self.above, ">", operator.gt),
+            (self.maximum, "<=", operator.le),
+            (self.below, "<", operator.lt),
+        )
+        bounds = [(bound, sign, holds) for bound, sign, holds in declared if bound is not None]
+        if all(holds(value, bound) for bound, _, holds in bounds):  # NaN satisfies no bound
+            return None
+        return "must be " + " and ".join(f"{sign} {bound:g}" for bound, sign, _ in bounds)
+
+    def click_type(self, annotation: Any) -> click.ParamType | None:
+        if self.type is not None:
+            return self.type
+        if self.choices is not None:
+            return click.Choice(self.choices)
+        if annotation in (int, float):
+            bounded = (self.minimum, self.above, self.maximum, self.below) != (None,) * 4
+            if not bounded:
+                return click.INT if annotation is int else click.FLOAT
+            ranged = click.IntRange if annotation is int else click.FloatRange
+            return ranged(
+                min=self.above if self.above is not None else self.minimum,
+                max=self.below if self.below is not None else self.maximum,
+                min_open=self.above is not None,
+                max_open=self.below is not None,
+            )
+        return None  # click's default: text
+
+
+def setting(
+    default: T,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    choices: Sequence[str] | None = None,
+    type: click.ParamType | None = None,
+    negatable: bool = False,
+) -> T:
+    """A dataclass field that is also a command-line setting (see the module docstring).
+
+    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones. A
+    ``default`` of ``REQUIRED`` makes a field without a default and a required option.
+    """
+    spec = Setting(
+        help=help,
+        minimum=minimum,
+        maximum=maximum,
+        above=above,
+        below=below,
+        choices=tuple(choices) if choices is not None else None,
+        type=type,
+        negatable=negatable,
+    )
+    return dataclasses.field(default=default, metadata={_SETTING: spec})  # type: ignore[no-any-return]
+
+
+def settings_of(cls: type) -> list[tuple[dataclasses.Field[Any], Setting]]:
+    """The ``setting`` fields of a dataclass, in declaration order."""
+    return [(f, f.metadata[_SETTING]) for f in dataclasses.fields(cls) if _SETTING in f.metadata]
+
+
+def check_settings(instance: object) -> None:
+    """Raise ValueError naming the first field outside its declared range or choices."""
+    for field, spec in settings_of(type(instance)):
+        value = getattr(instance, field.name)
+        problem = spec.problem(value)
+        if problem:
+            raise ValueError(f"{field.name} {problem}, got {value!r}")
+
+
+def options(*classes: type) -> Callable[[F], F]:
+    """Decorator: one click option per ``setting`` field of ``classes``, in order."""
+
+    def decorate(f: F) -> F:
+        # Click lists options in the reverse order of the decorators applied.
+        for cls in reversed(classes):
+            hints = get_type_hints(cls)
+            for field, spec in reversed(settings_of(cls)):
+                f = _option(field, spec, _unwrap_optional(hints[field.name]))(f)
+        return f
+
+    return decorate
+
+
+def _option(field: dataclasses.Field[Any], spec: Setting, annotation: Any) -> Callable[[F], F]:
+    flag = "--" + field.name.replace("_", "-")
+    attrs: dict[str, Any] = {"help": spec.help}
+    if field.default is REQUIRED:
+        attrs["required"] = True
+    else:
+        attrs["default"] = field.default
+    if annotation is bool:
+        if spec.negatable:
+            return option(f"{flag}/--no-{flag[2:]}", **attrs)
+        return option(flag, is_flag=True, **attrs)
+    return option(flag, type=spec.click_type(annotation), **attrs)
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """``X | None`` -> ``X``; anything else unchanged."""
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
+
+
+def build(cls: type[T], values: Mapping[str, Any], **extra: Any) -> T:
+    """``cls`` from the entries of ``values`` that name its fields, plus ``extra``; a
+    ValueError from its checks becomes an InputError (one ``Error:`` line, exit 2)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    try:
+        return cls(**{k: v for k, v in values.items() if k in names}, **extra)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
@@ -55,7 +236,8 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 class LayeredCommand(click.Command):
-    """A command whose ``--config`` file fills every setting not given as a flag."""
+    """A command whose ``--config`` file fills every setting not given as a flag (it beats
+    the environment: see the module docstring)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         rest = super().parse_args(ctx, args)

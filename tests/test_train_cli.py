@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt.checkpoint import load_checkpoint, load_resume_state, read_checkpoint
+from chargpt.checkpoint import load_checkpoint, read_checkpoint
 from tests.conftest import REPO, TINY_MODEL, run_chargpt
-from tests.server_process import wait_until
+from trainer.state import load_train_state
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -141,6 +140,57 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     assert after == before
 
 
+def test_architecture_options_come_from_flags_config_and_environment(
+    small_text_file: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text('norm = "rmsnorm"\nattention-window = 8\n')
+    out = tmp_path / "out"
+    result = run_chargpt(
+        *train_args(small_text_file, out, "--max-iters", "4", "--eval-interval", "2",
+                    "--config", str(config), "--position", "rope", "--qk-norm",
+                    "--tie-embeddings", "--no-bias", "--logit-softcap", "15"),
+        env={"CHARGPT_ACTIVATION": "relu2"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = run_chargpt("info", str(out / "model.safetensors"), "--json")
+    architecture = json.loads(info.stdout)["architecture"]
+    assert {k: architecture[k] for k in (
+        "position", "norm", "activation", "qk_norm", "tie_embeddings", "bias", "logit_softcap",
+        "attention_window", "block_size",
+    )} == {
+        "position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True,
+        "tie_embeddings": True, "bias": False, "logit_softcap": 15.0, "attention_window": 8,
+        "block_size": 16,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--attention-window", "8"], "attention_window needs position rope"),
+        (
+            ["--position", "rope", "--attention-window", "17"],
+            "attention_window (17) must not exceed block_size (16)",
+        ),
+        (["--logit-softcap", "-1"], "--logit-softcap"),
+        (["--activation", "swish"], "--activation"),
+        (
+            ["--position", "rope", "--n-embd", "30", "--n-head", "2"],
+            "position rope needs an even head size",
+        ),
+    ],
+)
+def test_bad_option_combinations_are_one_line_and_write_nothing(
+    args: list[str], expected: str, small_text_file: Path, tmp_path: Path
+) -> None:
+    result = run_chargpt(*train_args(small_text_file, tmp_path / "out", *args))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Error: ") and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_refusals(small_text_file: Path, tmp_path: Path, trained_run: Path) -> None:
     out = tmp_path / "run"
     shutil.copytree(trained_run, out)
@@ -148,6 +198,7 @@ def test_resume_refusals(small_text_file: Path, tmp_path: Path, trained_run: Pat
     cases = [
         (train_args(small_text_file, tmp_path / "empty-dir", "--resume"), "no run to resume"),
         (train_args(small_text_file, out, "--resume", "--n-layer", "3"), "another architecture"),
+        (train_args(small_text_file, out, "--resume", "--position", "rope"), "position=learned"),
         (train_args(small_text_file, out), "already holds a run"),
     ]
     other_text = tmp_path / "other.txt"
@@ -168,6 +219,12 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path.read_bytes())[0]
 
 
+def signalled_at_step(step: int, signame: str, rank: int = 0) -> list[str]:
+    """The module (and its arguments) that runs ``chargpt`` and signals it right after
+    optimizer step ``step`` (``tests/signal_at_step.py``)."""
+    return ["tests.signal_at_step", str(step), signame, str(rank)]
+
+
 def test_sigterm_saves_and_resume_ends_with_the_same_weights(
     small_text_file: Path, tmp_path: Path
 ) -> None:
@@ -177,17 +234,16 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
 
     out = tmp_path / "stopped"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chargpt", *train_args(small_text_file, out, *args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    command = [sys.executable, "-m", *signalled_at_step(77, "SIGTERM")]
+    stopped = subprocess.run(
+        [*command, *train_args(small_text_file, out, *args)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )  # fmt: skip
-    wait_until(lambda: (out / "log.jsonl").read_text())
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    assert "SIGTERM: stopped at step" in stdout
-    stopped_at = load_resume_state(out / "resume.pt")["step"]
+    assert stopped.returncode == 0, stopped.stderr
+    assert "SIGTERM: stopped at step" in stopped.stdout
+    stopped_at = load_train_state(out / "resume.pt").step
     assert 50 <= stopped_at < 300  # it really was interrupted mid-run
+    assert stopped_at == 77  # between two evaluations: the stop itself saved the state
 
     resumed = run_chargpt(*train_args(small_text_file, out, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
@@ -209,22 +265,34 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
     ]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_torchrun_two_cpu_processes_write_one_checkpoint(
-    small_text_file: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "ddp"
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None, reason="torchrun not installed"
+)
+DDP_ARGS = ["--max-iters", "30", "--eval-interval", "15", "--device", "cpu"]
+
+
+def torchrun(*command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` (a module and its arguments) in two CPU processes under torchrun."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    result = subprocess.run(
-        [
-            "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "chargpt",
-            *train_args(small_text_file, out, "--max-iters", "30", "--eval-interval", "15",
-                        "--device", "cpu"),
-        ],
+    return subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", *command],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_run(small_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 30-step run of two CPU processes."""
+    out = tmp_path_factory.mktemp("ddp")
+    result = torchrun("chargpt", *train_args(small_text_file, out, *DDP_ARGS))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x2 ranks" in result.stdout
+    return out
+
+
+@needs_torchrun
+def test_torchrun_two_cpu_processes_write_one_checkpoint(ddp_run: Path) -> None:
+    out = ddp_run
     assert sorted(p.name for p in out.iterdir()) == [
         "latest.safetensors",
         "log.jsonl",
@@ -236,6 +304,30 @@ def test_torchrun_two_cpu_processes_write_one_checkpoint(
     info = load_checkpoint(out / "model.safetensors").info
     assert info.training["world_size"] == 2
     assert records[-1]["tokens"] == 30 * 2 * 8 * 16  # steps x ranks x batch x block
+
+
+@needs_torchrun
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
+    ddp_run: Path, small_text_file: Path, tmp_path: Path
+) -> None:
+    # Rank 1 alone gets SIGTERM after step 13; the ranks agree on stopping every 10 steps
+    # (an all-reduce waits for the device, so not every step), so both stop after step 20.
+    out = tmp_path / "stopped"
+    stopped = torchrun(
+        *signalled_at_step(13, "SIGTERM", rank=1),
+        *train_args(small_text_file, out, *DDP_ARGS),
+    )
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "SIGTERM: stopped at step 20" in stopped.stdout
+    assert load_train_state(out / "resume.pt").step == 20
+
+    resumed = torchrun("chargpt", *train_args(small_text_file, out, *DDP_ARGS, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 20" in resumed.stdout
+    a, b = tensors(ddp_run / "latest.safetensors"), tensors(out / "latest.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_text_without_newlines_trains_and_samples(tmp_path: Path) -> None:

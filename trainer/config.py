@@ -1,10 +1,24 @@
-"""Everything a training run can be told, with the seed's defaults."""
+"""Everything a training run can be told, with the lecture's defaults.
+
+Each field is declared once: its default, help text and range become the ``chargpt train``
+option (``chargpt.settings``) and are checked again when a config is built in Python.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import click
+
+from chargpt.model import ACTIVATIONS, NORMS, POSITIONS, GPTConfig
+from chargpt.settings import check_settings, setting
+
+# The settings that are GPTConfig fields (its vocab_size comes from the data), and of those
+# the ones that shape the weights: a resumed run may change its dropout, not these.
+MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
+ARCHITECTURE_FIELDS = tuple(name for name in MODEL_FIELDS if name != "dropout")
 
 
 class ConfigError(ValueError):
@@ -13,71 +27,131 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """What a training run can be told; the defaults train the lecture's model its way."""
+
     # Data and outputs.
-    data: str | None = None
-    data_dir: str = "data"
-    out_dir: str = "out"
-    run_name: str = ""
-    # The seed's hyperparameters.
-    batch_size: int = 16
-    block_size: int = 32
-    max_iters: int = 5000
-    learning_rate: float = 1e-3
-    eval_interval: int = 100
-    n_embd: int = 64
-    n_head: int = 4
-    n_layer: int = 8
-    dropout: float = 0.0
+    data: str | None = setting(
+        None,
+        "UTF-8 text file to train on. Default: Tiny Shakespeare, downloaded once into "
+        "--data-dir and checked by sha256.",
+        type=click.Path(dir_okay=False),
+    )
+    data_dir: str = setting(
+        "data",
+        "Where Tiny Shakespeare is downloaded to when --data is not given.",
+        type=click.Path(file_okay=False),
+    )
+    out_dir: str = setting(
+        "out",
+        "Run directory: model.safetensors (best by validation loss, the served file), "
+        "latest.safetensors + resume.pt (for --resume), log.jsonl.",
+        type=click.Path(file_okay=False),
+    )
+    run_name: str = setting(
+        "", "Label stored in the checkpoint and metrics. Default: run-<UTC time>."
+    )
+    # The lecture's hyperparameters.
+    batch_size: int = setting(16, "Sequences per optimizer step, per process.", minimum=1)
+    block_size: int = setting(32, "Context length in characters.", minimum=1)
+    max_iters: int = setting(5000, "Optimizer steps in the whole run.", minimum=1)
+    learning_rate: float = setting(1e-3, "Peak learning rate (AdamW).", above=0)
+    eval_interval: int = setting(
+        100, "Evaluate both splits, log and checkpoint every this many steps.", minimum=1
+    )
+    n_embd: int = setting(64, "Embedding width.", minimum=1)
+    n_head: int = setting(4, "Attention heads per layer (must divide --n-embd).", minimum=1)
+    n_layer: int = setting(8, "Transformer blocks.", minimum=1)
+    dropout: float = setting(0.0, "Dropout probability.", minimum=0, below=1)
+    # Architecture options beyond the lecture's model (chargpt.model.GPTConfig).
+    position: str = setting(
+        "learned",
+        "Positions: a learned table (the lecture's) or rotary embeddings (rope) on queries "
+        "and keys.",
+        choices=POSITIONS,
+    )
+    norm: str = setting("layernorm", "Normalisation before each sublayer.", choices=NORMS)
+    activation: str = setting(
+        "relu", "Feed-forward activation (relu2 = squared ReLU).", choices=ACTIVATIONS
+    )
+    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before attention.")
+    tie_embeddings: bool = setting(False, "The output head reuses the token embedding.")
+    bias: bool = setting(True, "Biases in linear layers and LayerNorms.", negatable=True)
+    logit_softcap: float = setting(
+        0.0, "Soft-cap the logits at C: C * tanh(logits / C) (0 = off).", minimum=0
+    )
+    attention_window: int = setting(
+        0,
+        "Sliding-window attention: each position sees itself and the W - 1 before it "
+        "(0 = off). Needs --position rope; at most --block-size.",
+        minimum=0,
+    )
     # Optimisation.
-    seed: int = 1337
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    lr_schedule: str = "cosine"
-    warmup_iters: int = 100
-    min_lr: float = 1e-4
+    seed: int = setting(1337, "Seeds initialisation, batches, dropout and the final sample.")
+    weight_decay: float = setting(
+        0.01, "AdamW weight decay, applied to weight matrices and embeddings only.", minimum=0
+    )
+    grad_clip: float = setting(
+        1.0, "Clip the global gradient norm to this value (0 = off).", minimum=0
+    )
+    lr_schedule: str = setting(
+        "cosine",
+        "After linear warmup: cosine decay to --min-lr at --max-iters, or constant.",
+        choices=("cosine", "constant"),
+    )
+    warmup_iters: int = setting(100, "Steps of linear learning-rate warmup.", minimum=0)
+    min_lr: float = setting(1e-4, "Learning rate at the end of the cosine schedule.", minimum=0)
     # Evaluation.
-    eval_batch_size: int = 64
-    eval_tokens: int = 0
+    eval_batch_size: int = setting(64, "Windows per forward pass during evaluation.", minimum=1)
+    eval_tokens: int = setting(
+        0,
+        "Characters scored per evaluation and split. 0 = the whole validation split "
+        "(exact), and a fixed train sample of the same size.",
+        minimum=0,
+    )
     # Execution.
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    metrics_port: int = 0
-    sample_length: int = 300
-    resume: bool = False
-    overwrite: bool = False
+    device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+    precision: str = setting(
+        "auto",
+        "bf16 autocast or fp32. auto = bf16 on CUDA GPUs that support it, else fp32.",
+        choices=("auto", "fp32", "bf16"),
+    )
+    compile: bool = setting(
+        False,
+        "torch.compile the model (pays off on GPUs; slower on small CPUs).",
+        negatable=True,
+    )
+    metrics_port: int = setting(
+        0,
+        "Serve Prometheus metrics on this port while training (0 = off).",
+        minimum=0,
+        maximum=65535,
+    )
+    sample_length: int = setting(
+        300, "Characters to sample from the best model at the end (0 = none).", minimum=0
+    )
+    resume: bool = setting(False, "Continue the run in --out-dir exactly where it stopped.")
+    overwrite: bool = setting(
+        False, "Start a new run in an --out-dir that already holds one, replacing it."
+    )
 
     def __post_init__(self) -> None:
-        positive = (
-            "batch_size", "block_size", "max_iters", "eval_interval", "n_embd", "n_head",
-            "n_layer", "eval_batch_size",
-        )  # fmt: skip
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("learning_rate",):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "min_lr", "warmup_iters", "eval_tokens",
-                     "sample_length"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        try:
+            check_settings(self)
+            self.model_config(vocab_size=1)  # the model's own checks, before any data is read
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.min_lr > self.learning_rate:
             raise ConfigError(
                 f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
             )
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port must be a TCP port (0 = off), got {self.metrics_port}")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other; pick one")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The architecture these settings describe, for a vocabulary of ``vocab_size``."""
+        return GPTConfig(
+            vocab_size=vocab_size, **{name: getattr(self, name) for name in MODEL_FIELDS}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

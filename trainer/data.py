@@ -4,7 +4,6 @@ the fixed evaluation windows."""
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from chargpt.checkpoint import atomic_write
 from chargpt.tokenizer import CharTokenizer
 
 TINY_SHAKESPEARE_URL = (
@@ -85,9 +85,7 @@ def fetch_tiny_shakespeare(data_dir: str | Path, url: str = TINY_SHAKESPEARE_URL
             f"the file downloaded from {url} has sha256 {sha256_hex(raw)}, not Tiny "
             f"Shakespeare's {TINY_SHAKESPEARE_SHA256}; {how_to}"
         )
-    with tempfile.NamedTemporaryFile(dir=data_dir, delete=False, suffix=".tmp") as tmp:
-        tmp.write(raw)
-    Path(tmp.name).replace(target)
+    atomic_write(target, raw)
     return target
 
 
@@ -117,7 +115,7 @@ class Corpus:
 
 
 class BatchSampler:
-    """Random training windows, as the seed's ``get_batch`` draws them.
+    """Random training windows, as the lecture's ``get_batch`` draws them.
 
     Every process draws the same ``batch_size * world_size`` offsets from one generator
     and keeps its own slice, so the generator's state is the same on every rank and one

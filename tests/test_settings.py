@@ -1,0 +1,151 @@
+"""``chargpt.settings``: settings declared once on a dataclass, layered flag > config file >
+environment > default."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from chargpt.settings import (
+    REQUIRED,
+    InputError,
+    LayeredCommand,
+    build,
+    check_settings,
+    config_option,
+    options,
+    setting,
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    steps: int = setting(10, "Steps to take.", minimum=1)
+    rate: float = setting(0.5, "A rate.", above=0, below=1)
+    mode: str = setting("fast", "How.", choices=("fast", "slow"))
+    name: str | None = setting(None, "A name.")
+    verbose: bool = setting(False, "Say more.")
+    bias: bool = setting(True, "Use biases.", negatable=True)
+    port: int = setting(0, "A port (0 = off).", minimum=0, maximum=65535)
+    not_an_option: int = 3
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.mode == "slow" and self.steps > 100:
+            raise ValueError("mode slow takes at most 100 steps")
+
+
+@click.command(cls=LayeredCommand)
+@options(Example)
+@config_option()
+def command(config: str | None, **values: object) -> None:
+    click.echo(json.dumps(build(Example, values).__dict__))
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> click.testing.Result:
+    return CliRunner().invoke(command, list(args), env=env, standalone_mode=False)
+
+
+def test_every_setting_field_becomes_an_option_with_its_help_default_and_range() -> None:
+    help_text = CliRunner().invoke(command, ["--help"], terminal_width=200).output
+    for line in (
+        "--steps INTEGER RANGE",
+        "Steps to take.  [env var: CHARGPT_STEPS; default: 10; x>=1]",
+        "--rate FLOAT RANGE",
+        "[env var: CHARGPT_RATE; default: 0.5; 0<x<1]",
+        "--mode [fast|slow]",
+        "--name TEXT",
+        "--verbose",
+        "--bias / --no-bias",
+        "[env var: CHARGPT_BIAS; default: bias]",
+        "0<=x<=65535",
+    ):
+        assert line in help_text, line
+    assert "--not-an-option" not in help_text
+    # In declaration order, --config last.
+    flags = ["--steps", "--rate", "--mode", "--name", "--verbose", "--bias", "--port", "--config"]
+    positions = [help_text.index(flag) for flag in flags]
+    assert positions == sorted(positions)
+
+
+def test_defaults_build_the_dataclass_defaults() -> None:
+    result = invoke()
+    assert result.exception is None, result.output
+    assert json.loads(result.output) == Example().__dict__
+
+
+def test_flag_beats_config_file_beats_environment_beats_default(tmp_path: Path) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text('steps = 20\nmode = "slow"\n')
+    env = {"CHARGPT_STEPS": "30", "CHARGPT_MODE": "fast", "CHARGPT_RATE": "0.25"}
+    result = invoke("--config", str(config), "--mode", "fast", "--no-bias", env=env)
+    assert result.exception is None, result.output
+    values = json.loads(result.output)
+    assert values["mode"] == "fast"  # flag beats config
+    assert values["steps"] == 20  # config beats environment
+    assert values["rate"] == 0.25  # environment beats default
+    assert values["bias"] is False and values["verbose"] is False and values["port"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--steps", "0"], None, "'--steps'"),
+        (["--rate", "1"], None, "'--rate'"),
+        (["--mode", "medium"], None, "'--mode'"),
+        ([], {"CHARGPT_PORT": "70000"}, "CHARGPT_PORT"),
+        (["--mode", "slow", "--steps", "101"], None, "mode slow takes at most 100 steps"),
+    ],
+)
+def test_bad_values_are_input_errors(
+    args: list[str], env: dict[str, str] | None, message: str
+) -> None:
+    result = invoke(*args, env=env)
+    assert isinstance(result.exception, click.ClickException), result.output
+    assert result.exception.exit_code == 2
+    assert message in result.exception.format_message()
+
+
+def test_the_declared_ranges_hold_for_instances_built_in_python() -> None:
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        Example(steps=0)
+    with pytest.raises(ValueError, match=r"rate must be > 0 and < 1, got 1\.5"):
+        Example(rate=1.5)
+    with pytest.raises(ValueError, match="rate must be > 0 and < 1, got nan"):
+        Example(rate=float("nan"))
+    with pytest.raises(ValueError, match="mode must be one of fast, slow, got 'medium'"):
+        Example(mode="medium")
+    with pytest.raises(InputError, match="port must be >= 0 and <= 65535, got 70000"):
+        build(Example, {"port": 70000, "unrelated": "ignored"})
+    assert build(Example, {"steps": 5}, not_an_option=7) == Example(steps=5, not_an_option=7)
+
+
+@dataclass(frozen=True)
+class Inner:
+    size: int = setting(4, "A nested setting.", minimum=1)
+
+
+@dataclass(frozen=True)
+class Outer:
+    path: str = setting(REQUIRED, "A required setting.", type=click.Path(dir_okay=False))
+    inner: Inner = Inner()
+
+
+@click.command(cls=LayeredCommand)
+@options(Outer, Inner)
+def nested(**values: object) -> None:
+    click.echo(repr(build(Outer, values, inner=build(Inner, values))))
+
+
+def test_required_settings_and_several_classes_in_one_command() -> None:
+    missing = CliRunner().invoke(nested, [], standalone_mode=False)
+    assert isinstance(missing.exception, click.MissingParameter)
+    assert "--path" in missing.exception.format_message()
+    result = CliRunner().invoke(nested, ["--path", "a.txt", "--size", "9"], standalone_mode=False)
+    assert result.exception is None, result.output
+    assert result.output.strip() == repr(Outer(path="a.txt", inner=Inner(size=9)))

@@ -1,0 +1,81 @@
+"""The training loop in process: architecture options, the progress line."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from chargpt.checkpoint import load_checkpoint, read_checkpoint
+from trainer.config import TrainConfig
+from trainer.progress import Progress
+from trainer.train import run_training
+
+TINY = {
+    "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 8,
+    "eval_batch_size": 32, "sample_length": 0, "max_iters": 40, "eval_interval": 10,
+    "warmup_iters": 5, "learning_rate": 3e-3,
+}  # fmt: skip
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def train_quietly(
+    data: Path, out: Path, stream: io.StringIO | None = None, **settings: Any
+) -> TrainConfig:
+    cfg = TrainConfig(data=str(data), out_dir=str(out), **{**TINY, **settings})
+    result = run_training(cfg, Progress(cfg.max_iters, stream or io.StringIO()))
+    assert result.stopped_by is None
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"position": "rope"},
+        {"norm": "rmsnorm"},
+        {"activation": "relu2"},
+        {"activation": "gelu"},
+        {"qk_norm": True},
+        {"tie_embeddings": True},
+        {"bias": False},
+        {"logit_softcap": 10.0},
+        {"position": "rope", "attention_window": 8},  # block_size 16: two windows a sequence
+    ],
+    ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()),
+)
+def test_every_architecture_option_trains_and_round_trips(
+    options: dict[str, Any], small_text_file: Path, tmp_path: Path
+) -> None:
+    cfg = train_quietly(small_text_file, tmp_path / "out", **options)
+    records = [
+        json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]  # it learns
+
+    path = tmp_path / "out" / "model.safetensors"
+    loaded = load_checkpoint(path)
+    assert loaded.info.config == cfg.model_config(len(loaded.info.vocab))
+    for name, value in options.items():
+        assert getattr(loaded.info.config, name) == value
+    stored, _ = read_checkpoint(path.read_bytes())
+    rebuilt = loaded.model.state_dict()
+    assert rebuilt.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert torch.equal(rebuilt[name], tensor), name
+
+
+def test_the_progress_line_is_drawn_without_a_metrics_server(
+    small_text_file: Path, tmp_path: Path
+) -> None:
+    terminal = Terminal()
+    train_quietly(small_text_file, tmp_path / "out", terminal, max_iters=5, metrics_port=0)
+    assert "\r[" in terminal.getvalue() and "| loss " in terminal.getvalue()

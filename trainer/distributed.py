@@ -1,0 +1,83 @@
+"""This process's place in a ``torchrun`` job (DDP), and the few collectives the loop uses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Rank and world size from ``torchrun``'s environment (a job of one without it)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        return cls(
+            rank=int(os.environ["RANK"]),
+            local_rank=int(os.environ["LOCAL_RANK"]),
+            world_size=world_size,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @contextlib.contextmanager
+    def process_group(self, device: str) -> Iterator[None]:
+        """The job's process group for the duration (NCCL for CUDA, gloo otherwise)."""
+        if not self.enabled:
+            yield
+            return
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        torch_dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            yield
+            torch_dist.barrier()  # no rank tears the group down while another still uses it
+        finally:
+            torch_dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is true on any rank. Every rank must call it at the same point;
+        under DDP it is an all-reduce and a device sync."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks, in place (every rank must call it)."""
+        if self.enabled:
+            torch_dist.all_reduce(values)
+        return values
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (every rank must call it)."""
+        if not self.enabled:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, obj)
+        return gathered
