@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,40 +23,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
+from server.config import ServerConfig
 from server.engine import Engine, ServedModel, deliver_directly
 from server.metrics import ServerMetrics
 from server.model_loader import ModelWatcher
 from server.requests import Event, Generation
 from server.service import SERVICE_NAME, LanguageModelService
-from server.validation import Limits
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    checkpoint: Path
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_port: int = 9100
-    device: str = "auto"
-    dtype: str = "float32"
-    max_running: int = 64
-    max_waiting: int = 256
-    limits: Limits = field(default_factory=Limits)
-    reload_seconds: float = 1.0
-    drain_seconds: float = 10.0
-    max_message_bytes: int = 0  # 0: derived from the limits (see receive_limit)
-
-    def receive_limit(self) -> int:
-        """The largest request message gRPC will read. Four times the largest valid
-        request and at least 16 MiB, so that a request too long by any plausible margin is
-        still read and refused with INVALID_ARGUMENT naming its field; beyond it, gRPC
-        itself answers RESOURCE_EXHAUSTED without reading further."""
-        derived = max(16 * 1024 * 1024, 4 * self.limits.largest_request_bytes())
-        return self.max_message_bytes or derived
 
 
 def resolve_dtype(device: torch.device, name: str) -> torch.dtype:
@@ -84,7 +59,7 @@ class InferenceServer:
         self.service = LanguageModelService(self.engine, self.metrics, config.limits)
         self.health = health.aio.HealthServicer()
         self.watcher = ModelWatcher(
-            config.checkpoint, self.device, self.dtype, config.max_running, self.metrics,
+            Path(config.checkpoint), self.device, self.dtype, config.max_running, self.metrics,
             self._on_model, config.reload_seconds,
         )  # fmt: skip
         self.grpc_server: grpc.aio.Server | None = None

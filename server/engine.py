@@ -122,8 +122,8 @@ class Engine:
     def __init__(
         self,
         metrics: ServerMetrics,
-        max_running: int = 64,
-        max_waiting: int = 256,
+        max_running: int,
+        max_waiting: int,
         budget: Budget = Budget(),
         deliver: Callable[[list[tuple[Generation, Event]]], None] = deliver_directly,
         clock: Callable[[], float] = time.monotonic,

@@ -11,32 +11,16 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from chargpt.sampling import SamplingParams
 from chargpt.tokenizer import CharTokenizer, UnknownCharactersError
 from chargpt.v1 import language_model_pb2 as pb
+from server.config import Limits
 from server.requests import GenerateParams, ScoreParams
 
 MAX_TOP_LOGPROBS = 20
 MAX_CHARACTERS_PER_MESSAGE = 1024
 MAX_MESSAGE_CHARS = 1024
-UTF8_MAX_BYTES = 4
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_chars: int = 4096
-    max_new_tokens: int = 2048
-    default_max_new_tokens: int = 256
-    max_stop_sequences: int = 8
-    max_stop_chars: int = 64
-    max_score_chars: int = 65536
-
-    def largest_request_bytes(self) -> int:
-        """The most bytes a request within these limits can take on the wire (a bound)."""
-        generate = self.max_prompt_chars + self.max_stop_sequences * self.max_stop_chars
-        return UTF8_MAX_BYTES * max(generate, self.max_score_chars) + 4096
 
 
 def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:

@@ -120,8 +120,8 @@ def clock() -> Clock:
     return Clock()
 
 
-def engine(clock: Clock, **kwargs: object) -> Engine:
-    return Engine(ServerMetrics(), clock=clock, **kwargs)  # type: ignore[arg-type]
+def engine(clock: Clock, max_running: int = 8, max_waiting: int = 8, **kwargs: object) -> Engine:
+    return Engine(ServerMetrics(), max_running, max_waiting, clock=clock, **kwargs)  # type: ignore[arg-type]
 
 
 def test_a_generation_streams_then_finishes_with_its_summary(clock: Clock) -> None:

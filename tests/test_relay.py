@@ -4,10 +4,10 @@ import asyncio
 from types import SimpleNamespace
 
 from chargpt.v1 import language_model_pb2 as pb
+from server.config import Limits
 from server.metrics import ServerMetrics
 from server.requests import Chunk, Finished, FinishReason, TokenDetail
 from server.service import LanguageModelService
-from server.validation import Limits
 
 VOCAB = ("\n", "a", "b", "c")
 

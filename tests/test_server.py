@@ -172,9 +172,9 @@ def test_cancelled_stream_leaves_the_batch(server: ServerProcess) -> None:
 
 
 def test_deadline_ends_with_time_limit(server: ServerProcess) -> None:
-    started = time.monotonic()
-    responses = list(server.client.generate("ROMEO:", max_new_tokens=100_000, timeout=0.5))
-    assert time.monotonic() - started < 0.6
+    # The summary arrives before the client's deadline (or the call would fail with
+    # DEADLINE_EXCEEDED): 3 s leaves room for a busy machine's slowest iterations.
+    responses = list(server.client.generate("ROMEO:", max_new_tokens=100_000, timeout=3))
     summary = responses[-1].summary
     assert summary.finish_reason == pb.FINISH_REASON_TIME_LIMIT
     text = "".join(r.text for r in responses)

@@ -8,10 +8,10 @@ import pytest
 
 from chargpt.tokenizer import CharTokenizer
 from chargpt.v1 import language_model_pb2 as pb
+from server.config import Limits
 from server.validation import (
     MAX_MESSAGE_CHARS,
     InvalidRequestError,
-    Limits,
     validate_generate,
     validate_score,
 )

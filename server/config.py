@@ -1,0 +1,94 @@
+"""Everything ``chargpt serve`` can be told, each setting declared once (its default, help
+and range become the command's option: ``chargpt.settings``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import click
+
+from chargpt.settings import REQUIRED, check_settings, setting
+
+UTF8_MAX_BYTES = 4
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (checked by ``server/validation.py``)."""
+
+    max_prompt_chars: int = setting(4096, "Longest prompt accepted.", minimum=1)
+    max_new_tokens: int = setting(2048, "Largest max_new_tokens a request may ask for.", minimum=1)
+    default_max_new_tokens: int = setting(
+        256, "max_new_tokens of a request that leaves it unset.", minimum=1
+    )
+    max_stop_sequences: int = setting(8, "Most stop sequences per request.", minimum=0)
+    max_stop_chars: int = setting(64, "Longest stop sequence.", minimum=1)
+    max_score_chars: int = setting(
+        65536, "Longest context + text a Score request may send.", minimum=1
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+
+    def largest_request_bytes(self) -> int:
+        """The most bytes a request within these limits can take on the wire (a bound)."""
+        generate = self.max_prompt_chars + self.max_stop_sequences * self.max_stop_chars
+        return UTF8_MAX_BYTES * max(generate, self.max_score_chars) + 4096
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    checkpoint: str = setting(
+        REQUIRED,
+        "The model.safetensors to serve. It may not exist yet: the server starts "
+        "NOT_SERVING and loads it when it appears, and reloads it whenever it changes.",
+        type=click.Path(dir_okay=False),
+    )
+    host: str = setting("0.0.0.0", "Address to listen on (gRPC and metrics).")
+    port: int = setting(50051, "gRPC port.", minimum=1, maximum=65535)
+    metrics_port: int = setting(
+        9100, "Prometheus /metrics port (0 = off).", minimum=0, maximum=65535
+    )
+    device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+    dtype: str = setting(
+        "float32", "Weights and activations dtype; float16 needs a GPU.", choices=DTYPES
+    )
+    max_running: int = setting(
+        64, "Generations decoded together (the batch cap); more wait in the queue.", minimum=1
+    )
+    max_waiting: int = setting(
+        256, "Requests allowed to wait; beyond that, RESOURCE_EXHAUSTED at once.", minimum=1
+    )
+    max_message_bytes: int = setting(
+        0,
+        "Largest request message read (0 = derived: 4x the largest valid request, at "
+        "least 16 MiB); larger ones get gRPC's own RESOURCE_EXHAUSTED.",
+        minimum=0,
+    )
+    reload_seconds: float = setting(
+        1.0, "How often to check the checkpoint file for a new version.", minimum=0.05
+    )
+    drain_seconds: float = setting(
+        10.0, "On SIGTERM: how long in-flight requests may take to finish.", minimum=0
+    )
+    log_level: str = setting(
+        "info", "Log verbosity (to stderr).", choices=("debug", "info", "warning", "error")
+    )
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    def receive_limit(self) -> int:
+        """The largest request message gRPC will read: four times the largest valid
+        request and at least 16 MiB, so that a request too long by any plausible margin is
+        still read and refused with INVALID_ARGUMENT naming its field; beyond it, gRPC
+        itself answers RESOURCE_EXHAUSTED without reading further."""
+        derived = max(16 * 1024 * 1024, 4 * self.limits.largest_request_bytes())
+        return self.max_message_bytes or derived
