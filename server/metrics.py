@@ -6,7 +6,11 @@ Names use the ``chargpt_`` prefix and base units (seconds, characters); counters
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from server.requests import FinishReason
 
 # From 100 microseconds (one small decode step) to a minute (a long generation).
 LATENCY_BUCKETS = (
@@ -19,101 +23,119 @@ REJECTIONS = ("invalid", "overloaded", "no_model", "draining")
 
 
 class ServerMetrics:
+    """Every metric of one server, in its own registry. Known label values exist from the
+    start (at 0), so rate() and alerts work before the first event of each kind."""
+
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._init_requests()
+        self._init_generation()
+        self._init_model()
+        self._http = None
+
+    def _counter(self, name: str, help: str, label: str = "", known: Iterable[str] = ()) -> Counter:
+        labels = [label] if label else []
+        counter = Counter(name, help, labels, registry=self.registry)
+        for value in known:
+            counter.labels(value)
+        return counter
+
+    def _histogram(
+        self, name: str, help: str, buckets: tuple[float, ...], label: str = "",
+        known: Iterable[str] = (),
+    ) -> Histogram:  # fmt: skip
+        labels = [label] if label else []
+        histogram = Histogram(name, help, labels, buckets=buckets, registry=self.registry)
+        for value in known:
+            histogram.labels(value)
+        return histogram
+
+    def _init_requests(self) -> None:
+        methods = ("Generate", "Score", "GetModelInfo")
         self.requests = Counter(
             "chargpt_requests", "RPCs finished, by method and gRPC status code.",
-            ["method", "code"], registry=r,
+            ["method", "code"], registry=self.registry,
         )  # fmt: skip
-        self.request_duration = Histogram(
+        for method in methods:
+            self.requests.labels(method, "OK")
+        self.request_duration = self._histogram(
             "chargpt_request_duration_seconds",
             "RPC received until its last response was handed to gRPC, by method.",
-            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+            LATENCY_BUCKETS, "method", methods,
         )  # fmt: skip
-        self.time_to_first_token = Histogram(
-            "chargpt_time_to_first_token_seconds",
-            "Generate received until its first character was sampled.",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inter_token_latency = Histogram(
-            "chargpt_inter_token_latency_seconds",
-            "Time between consecutive characters sampled for one Generate.",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_time = Histogram(
+        self.queue_time = self._histogram(
             "chargpt_queue_time_seconds",
             "Request received until admitted to the running batch (Generate) or started (Score).",
-            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+            LATENCY_BUCKETS, "method", ("Generate", "Score"),
         )  # fmt: skip
-        self.step_duration = Histogram(
-            "chargpt_decode_step_seconds", "Duration of one batched decode step.",
-            buckets=LATENCY_BUCKETS, registry=r,
+        self.rejected = self._counter(
+            "chargpt_rejected_requests",
+            f"Requests refused before running, by reason ({', '.join(REJECTIONS)}).",
+            "reason", REJECTIONS,
         )  # fmt: skip
-        self.batch_size = Histogram(
-            "chargpt_batch_size", "Generations decoded together in one step.",
-            buckets=BATCH_BUCKETS, registry=r,
+        self.running = Gauge(
+            "chargpt_running_requests", "Generations in the running batch.",
+            registry=self.registry,
         )  # fmt: skip
-        self.positions = Counter(
+        self.waiting = Gauge(
+            "chargpt_waiting_requests", "Requests admitted to the queue, not yet running.",
+            registry=self.registry,
+        )  # fmt: skip
+
+    def _init_generation(self) -> None:
+        self.time_to_first_token = self._histogram(
+            "chargpt_time_to_first_token_seconds",
+            "Generate received until its first character was sampled.", LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.inter_token_latency = self._histogram(
+            "chargpt_inter_token_latency_seconds",
+            "Time between consecutive characters sampled for one Generate.", LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.step_duration = self._histogram(
+            "chargpt_decode_step_seconds",
+            "One engine iteration that decoded (with its share of prompts and Score).",
+            LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.batch_size = self._histogram(
+            "chargpt_batch_size", "Generations decoded together in one step.", BATCH_BUCKETS
+        )
+        self.positions = self._counter(
             "chargpt_computed_positions",
             "Positions the model computed, by work: decode (one per character, from the KV "
             "cache), window (a whole block recomputed per character), prompt, score.",
-            ["work"], registry=r,
+            "work", ("decode", "window", "prompt", "score"),
         )  # fmt: skip
-        self.generated_characters = Counter(
-            "chargpt_generated_characters", "Characters generated (sampled).", registry=r
+        self.generated_characters = self._counter(
+            "chargpt_generated_characters", "Characters generated (sampled)."
         )
-        self.prompt_characters = Counter(
-            "chargpt_prompt_characters", "Prompt characters of admitted Generate requests.",
-            registry=r,
-        )  # fmt: skip
-        self.scored_characters = Counter(
-            "chargpt_scored_characters", "Characters scored by Score.", registry=r
+        self.prompt_characters = self._counter(
+            "chargpt_prompt_characters", "Prompt characters of admitted Generate requests."
         )
-        self.running = Gauge(
-            "chargpt_running_requests", "Generations in the running batch.", registry=r
+        self.scored_characters = self._counter(
+            "chargpt_scored_characters", "Characters scored by Score."
         )
-        self.waiting = Gauge(
-            "chargpt_waiting_requests", "Requests admitted to the queue, not yet running.",
-            registry=r,
-        )  # fmt: skip
-        self.finished = Counter(
+        self.finished = self._counter(
             "chargpt_finished_generations",
-            "Generations ended, by reason (length, stop, time_limit, cancelled, shutdown, error).",
-            ["reason"], registry=r,
+            f"Generations ended, by reason ({', '.join(FinishReason)}).",
+            "reason", [reason.value for reason in FinishReason],
         )  # fmt: skip
-        self.rejected = Counter(
-            "chargpt_rejected_requests",
-            "Requests refused before running, by reason (overloaded, invalid, no_model, draining).",
-            ["reason"], registry=r,
-        )  # fmt: skip
-        self.model_info = Info("chargpt_model", "The checkpoint being served.", registry=r)
+
+    def _init_model(self) -> None:
+        self.model_info = Info(
+            "chargpt_model", "The checkpoint being served.", registry=self.registry
+        )
         self.model_loaded = Gauge(
-            "chargpt_model_loaded", "1 when a model is loaded and serving, else 0.", registry=r
-        )
-        self.model_step = Gauge(
-            "chargpt_model_step", "Training step of the served checkpoint.", registry=r
-        )
-        self.reloads = Counter(
-            "chargpt_model_reloads",
-            "Checkpoint load attempts, by outcome (loaded, refused).",
-            ["outcome"], registry=r,
+            "chargpt_model_loaded", "1 when a model is loaded and serving, else 0.",
+            registry=self.registry,
         )  # fmt: skip
-        # Known label values exist from the start (at 0), so rate() and alerts work before
-        # the first event of each kind.
-        for method in ("Generate", "Score", "GetModelInfo"):
-            self.requests.labels(method, "OK")
-            self.request_duration.labels(method)
-        for method in ("Generate", "Score"):
-            self.queue_time.labels(method)
-        for reason in ("length", "stop", "time_limit", "cancelled", "shutdown", "error"):
-            self.finished.labels(reason)
-        for reason in REJECTIONS:
-            self.rejected.labels(reason)
-        for work in ("decode", "window", "prompt", "score"):
-            self.positions.labels(work)
-        for outcome in ("loaded", "refused"):
-            self.reloads.labels(outcome)
-        self._http = None
+        self.model_step = Gauge(
+            "chargpt_model_step", "Training step of the served checkpoint.",
+            registry=self.registry,
+        )  # fmt: skip
+        self.reloads = self._counter(
+            "chargpt_model_reloads", "Checkpoint load attempts, by outcome (loaded, refused).",
+            "outcome", ("loaded", "refused"),
+        )  # fmt: skip
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose /metrics over HTTP; returns the bound port (useful with port 0)."""
