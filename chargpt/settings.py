@@ -24,28 +24,33 @@ flag is the field's name in kebab case (``--batch-size``; ``--bias/--no-bias`` f
 ``negatable`` bool, a plain ``--flag`` for other bools), the click type follows the
 annotation (int and float get an ``IntRange`` or ``FloatRange`` from the bounds, str with
 ``choices`` a ``Choice``; ``type=`` overrides it), and ``--help`` shows the default and the
-``CHARGPT_<NAME>`` environment variable. ``check_settings`` applies the same bounds and
-choices to an instance built in Python, so no range is written twice. ``build`` makes the
-instance from click's values and turns a ``ValueError`` from its checks into an
-``InputError``: one ``Error:`` line, exit 2. ``setting(REQUIRED, ...)`` declares a field
-without a default, whose flag must be given. Fields declared without ``setting`` are not
-options; pass them to ``build`` yourself (a nested dataclass, for instance). Several
+``CHARGPT_<NAME>`` environment variable. A float must be finite wherever it comes from
+(``inf``, ``1e309`` and ``nan`` are refused). ``check_settings`` applies the same bounds,
+choices and finiteness to an instance built in Python, so no range is written twice.
+``build`` makes the instance from click's values and turns a ``ValueError`` from its checks
+into an ``InputError``: one ``Error:`` line, exit 2. ``setting(REQUIRED, ...)`` declares a
+field without a default, whose flag must be given. Fields declared without ``setting`` are
+not options; pass them to ``build`` yourself (a nested dataclass, for instance). Several
 classes can share one command: ``@options(ServerConfig, Limits)``, then
 ``build(ServerConfig, values, limits=build(Limits, values))``.
 
 Precedence, highest first: a flag on the command line, the ``--config`` file (TOML or
-JSON, keys named like the flags with ``-`` or ``_``), a ``CHARGPT_*`` environment variable,
-the default. The file beats the environment on purpose: the container image bakes
-``CHARGPT_*`` defaults into its environment, and a config file mounted into the container
-must be able to override them without the operator unsetting variables the image set.
-Click reads flags, environment variables and defaults itself; ``LayeredCommand`` slots the
-file in between.
+JSON, keys named like the flags with ``-`` or ``_``; other extensions are refused), a
+``CHARGPT_*`` environment variable, the default. The file beats the environment on
+purpose: the container image bakes ``CHARGPT_*`` defaults into its environment, and a
+config file mounted into the container must be able to override them without the
+operator unsetting variables the image set. Click reads flags, environment variables and
+defaults itself; ``LayeredCommand`` slots the file in between. Every value in the file is
+checked, also one that a flag overrides, and strictly by type: an integer setting takes an
+integer (not 4.7, not true), a number setting a number, a switch true or false, text a
+string.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import operator
 import tomllib
 import types
@@ -95,27 +100,63 @@ class Setting:
             (self.below, "<", operator.lt),
         )
         bounds = [(bound, sign, holds) for bound, sign, holds in declared if bound is not None]
-        if all(holds(value, bound) for bound, _, holds in bounds):  # NaN satisfies no bound
-            return None
-        return "must be " + " and ".join(f"{sign} {bound:g}" for bound, sign, _ in bounds)
+        if not all(holds(value, bound) for bound, _, holds in bounds):  # NaN satisfies none
+            return "must be " + " and ".join(f"{s} {_number(bound)}" for bound, s, _ in bounds)
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        return None
 
     def click_type(self, annotation: Any) -> click.ParamType | None:
         if self.type is not None:
             return self.type
         if self.choices is not None:
             return click.Choice(self.choices)
-        if annotation in (int, float):
+        if annotation is float:
+            return FiniteFloat(**self._range())
+        if annotation is int:
             bounded = (self.minimum, self.above, self.maximum, self.below) != (None,) * 4
-            if not bounded:
-                return click.INT if annotation is int else click.FLOAT
-            ranged = click.IntRange if annotation is int else click.FloatRange
-            return ranged(
-                min=self.above if self.above is not None else self.minimum,
-                max=self.below if self.below is not None else self.maximum,
-                min_open=self.above is not None,
-                max_open=self.below is not None,
-            )
+            return click.IntRange(**self._range()) if bounded else click.INT
         return None  # click's default: text
+
+    def _range(self) -> dict[str, Any]:
+        return {
+            "min": self.above if self.above is not None else self.minimum,
+            "max": self.below if self.below is not None else self.maximum,
+            "min_open": self.above is not None,
+            "max_open": self.below is not None,
+        }
+
+
+def _number(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in an optional range that is also finite: click's ``FloatRange`` lets
+    ``inf``, ``1e309`` (which parses as inf) and ``nan`` through."""
+
+    def __init__(self, **bounds: Any) -> None:
+        super().__init__(**bounds)
+        if self.min is None and self.max is None:
+            self.name = "float"  # shown as FLOAT, not FLOAT RANGE
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+class SettingOption(click.Option):
+    """An option whose error names its environment variable only when the value came
+    from there (click names it whenever ``show_envvar`` is set, also for a bad flag)."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        if ctx is not None and ctx.get_parameter_source(self.name or "") is not (
+            ParameterSource.ENVIRONMENT
+        ):
+            return click.Parameter.get_error_hint(self, ctx)
+        return super().get_error_hint(ctx)
 
 
 def setting(
@@ -214,21 +255,25 @@ def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
     attrs.setdefault("envvar", ENV_PREFIX + name.replace("-", "_").upper())
     attrs.setdefault("show_envvar", True)
     attrs.setdefault("show_default", True)
+    attrs.setdefault("cls", SettingOption)
     return click.option(*decls, **attrs)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
     """A flat table of settings from a .toml or .json file; keys may use - or _."""
     file = Path(path)
+    if file.suffix.lower() not in (".toml", ".json"):
+        raise InputError(f"config file {path}: unsupported extension; use .toml or .json")
     try:
         raw = file.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = json.loads(raw) if file.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
+        is_json = file.suffix.lower() == ".json"
+        data = json.loads(raw) if is_json else tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(
-            f"config file {path} is not valid {file.suffix[1:] or 'TOML'}: {exc}"
+            f"config file {path} is not valid {'JSON' if is_json else 'TOML'}: {exc}"
         ) from None
     if not isinstance(data, dict):
         raise InputError(f"config file {path} must hold a table of settings")
@@ -253,17 +298,46 @@ class LayeredCommand(click.Command):
         if unknown:
             raise InputError(f"config file {config_path}: unknown settings {', '.join(unknown)}")
         for name, value in settings.items():
-            source = ctx.get_parameter_source(name)
-            if source not in (ParameterSource.DEFAULT, ParameterSource.ENVIRONMENT, None):
-                continue  # a flag on the command line wins
             param = params[name]
+            wrong_type = _type_problem(param, value)
+            if wrong_type:
+                raise InputError(f"config file {config_path}: {name} {wrong_type}")
             try:
-                ctx.params[name] = param.type_cast_value(ctx, value)
+                value = param.type_cast_value(ctx, value)  # checked even if a flag wins
             except click.BadParameter as exc:
                 raise InputError(
                     f"config file {config_path}: invalid value for {name}: {exc.format_message()}"
                 ) from None
-            ctx.set_parameter_source(name, ParameterSource.DEFAULT_MAP)
+            source = ctx.get_parameter_source(name)
+            if source in (ParameterSource.DEFAULT, ParameterSource.ENVIRONMENT, None):
+                ctx.params[name] = value  # else a flag on the command line wins
+                ctx.set_parameter_source(name, ParameterSource.DEFAULT_MAP)
+
+
+def _type_problem(param: click.Parameter, value: Any) -> str | None:
+    """Why ``value`` from a config file is the wrong type for ``param`` (``"must be ..."``),
+    or None. Strict: click would turn 4.7 or true into the integer 4 or 1."""
+    if isinstance(param, click.Option) and param.is_flag:
+        expected, ok = "true or false", isinstance(value, bool)
+    elif isinstance(param.type, click.types.IntParamType):
+        expected, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(param.type, click.types.FloatParamType):
+        expected = "a number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        expected, ok = "a string", isinstance(value, str)
+    return None if ok else f"must be {expected}, got {_describe(value)}"
+
+
+def _describe(value: Any) -> str:
+    """``value`` as the config file spelled it, roughly."""
+    if isinstance(value, (bool, type(None), str)):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)
 
 
 def config_option() -> Callable[[F], F]:

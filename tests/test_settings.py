@@ -32,6 +32,7 @@ class Example:
     verbose: bool = setting(False, "Say more.")
     bias: bool = setting(True, "Use biases.", negatable=True)
     port: int = setting(0, "A port (0 = off).", minimum=0, maximum=65535)
+    scale: float = setting(1.0, "A scale.", minimum=0)
     not_an_option: int = 3
 
     def __post_init__(self) -> None:
@@ -149,3 +150,84 @@ def test_required_settings_and_several_classes_in_one_command() -> None:
     result = CliRunner().invoke(nested, ["--path", "a.txt", "--size", "9"], standalone_mode=False)
     assert result.exception is None, result.output
     assert result.output.strip() == repr(Outer(path="a.txt", inner=Inner(size=9)))
+
+
+@pytest.mark.parametrize("value", ["inf", "1e309", "nan", "-inf"])
+def test_non_finite_numbers_are_refused_from_flags_environment_and_config_files(
+    value: str, tmp_path: Path
+) -> None:
+    toml = tmp_path / "settings.toml"
+    toml.write_text(f"scale = {value.replace('1e309', 'inf')}\n")
+    json_file = tmp_path / "settings.json"
+    json_file.write_text(f'{{"scale": {value.replace("inf", "Infinity").replace("nan", "NaN")}}}')
+    for args, env in (
+        (["--scale", value], None),
+        ([], {"CHARGPT_SCALE": value}),
+        (["--config", str(toml)], None),
+        (["--config", str(json_file)], None),
+    ):
+        result = invoke(*args, env=env)
+        assert isinstance(result.exception, click.ClickException), (args, env, result.output)
+        assert "scale" in result.exception.format_message(), (args, env)
+    with pytest.raises(ValueError, match="scale must be a finite number, got inf"):
+        Example(scale=float("inf"))
+    with pytest.raises(ValueError, match="scale must be >= 0, got nan"):  # NaN fails any bound
+        Example(scale=float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("steps = [1, 2]\n", "steps must be an integer, got a list"),
+        ("steps = {a = 1}\n", "steps must be an integer, got a table"),
+        ("steps = 4.7\n", "steps must be an integer, got 4.7"),
+        ("steps = true\n", "steps must be an integer, got true"),
+        ('steps = "7"\n', 'steps must be an integer, got "7"'),
+        ("rate = false\n", "rate must be a number, got false"),
+        ("verbose = 1\n", "verbose must be true or false, got 1"),
+        ("mode = 3\n", "mode must be a string, got 3"),
+        ('{"steps": null}', "steps must be an integer, got null"),
+        ('{"rate": [0.5]}', "rate must be a number, got a list"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_an_error_naming_its_key(
+    content: str, message: str, tmp_path: Path
+) -> None:
+    config = tmp_path / ("settings.json" if content.startswith("{") else "settings.toml")
+    config.write_text(content)
+    result = invoke("--config", str(config))
+    assert isinstance(result.exception, InputError), result.output
+    assert result.exception.format_message() == f"config file {config}: {message}"
+
+
+def test_a_config_value_that_a_flag_overrides_is_still_checked(tmp_path: Path) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text("steps = 0\n")
+    result = invoke("--config", str(config), "--steps", "5")
+    assert isinstance(result.exception, InputError), result.output
+    assert "invalid value for steps" in result.exception.format_message()
+    config.write_text("port = [1]\n")
+    result = invoke("--config", str(config), "--port", "5")
+    assert isinstance(result.exception, InputError), result.output
+    assert "port must be an integer, got a list" in result.exception.format_message()
+
+
+@pytest.mark.parametrize("name", ["settings.yaml", "settings.yml", "settings", "settings.ini"])
+def test_config_files_other_than_toml_or_json_are_refused(name: str, tmp_path: Path) -> None:
+    config = tmp_path / name
+    config.write_text("steps: 5\n")
+    result = invoke("--config", str(config))
+    assert isinstance(result.exception, InputError), result.output
+    assert result.exception.format_message() == (
+        f"config file {config}: unsupported extension; use .toml or .json"
+    )
+
+
+def test_a_bad_flag_is_named_without_the_environment_variable() -> None:
+    from_flag = invoke("--port", "70000")
+    assert isinstance(from_flag.exception, click.BadParameter)
+    message = from_flag.exception.format_message()
+    assert "'--port'" in message and "CHARGPT_PORT" not in message, message
+    from_env = invoke(env={"CHARGPT_PORT": "70000"})
+    assert isinstance(from_env.exception, click.BadParameter)
+    assert "CHARGPT_PORT" in from_env.exception.format_message()
