@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,25 +111,43 @@ class LoadedModel:
     file_sha256: str
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, before: Callable[[str], None] | None = None
+) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    ``before(step)``, when given, is called before each step: ``create`` (a temporary file
+    beside ``path``), ``write``, ``sync`` (fsync), ``rename`` (over ``path``) and
+    ``sync-dir``. The trainer names its save points this way; its tests crash the process
+    or fill the disk there.
+    """
+    step = before or _no_step
     path = Path(path)
+    step("create")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            step("write")
             f.write(data)
             f.flush()
+            step("sync")
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
+        step("rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    step("sync-dir")
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _no_step(step: str) -> None:
+    pass
 
 
 def _split_safetensors(data: bytes) -> tuple[dict[str, Any], bytes]:

@@ -51,6 +51,9 @@ def run_chargpt(
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``chargpt`` command line in a subprocess."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    full_env.setdefault(
+        "OMP_NUM_THREADS", "1"
+    )  # tiny models: 2 threads on a busy machine are slower
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "chargpt", *args],

@@ -234,6 +234,7 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
 
     out = tmp_path / "stopped"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    env.setdefault("OMP_NUM_THREADS", "1")
     command = [sys.executable, "-m", *signalled_at_step(77, "SIGTERM")]
     stopped = subprocess.run(
         [*command, *train_args(small_text_file, out, *args)],

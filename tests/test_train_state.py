@@ -21,7 +21,7 @@ def test_resume_state_round_trip_with_weights_only(tmp_path: Path) -> None:
         dataset_sha256="ab" * 32,
         train_config={"n_layer": 2},
         step=3,
-        optimizer=optimizer.state_dict(),
+        optimizers={"adamw": optimizer.state_dict()},
         torch_rng=[torch.get_rng_state()],
     )
     save_train_state(tmp_path / "resume.pt", state)
@@ -30,7 +30,7 @@ def test_resume_state_round_trip_with_weights_only(tmp_path: Path) -> None:
     assert loaded.best_val_loss == float("inf")
     assert torch.equal(loaded.torch_rng[0], state.torch_rng[0])
     restored = torch.optim.AdamW(model.parameters())
-    restored.load_state_dict(loaded.optimizer)
+    restored.load_state_dict(loaded.optimizers["adamw"])
     (tmp_path / "resume.pt").write_bytes(b"garbage")
     with pytest.raises(StateError, match="cannot read resume state"):
         load_train_state(tmp_path / "resume.pt")

@@ -1,35 +1,79 @@
-"""``chargpt train``: the options are ``TrainConfig``'s fields (``trainer/config.py``)."""
+"""``chargpt train``: the options are ``TrainConfig``'s fields (``trainer/config.py``).
+
+Exit codes: 0 a complete run, or one stopped by SIGTERM (continue it with --resume); 130
+stopped by Ctrl-C (SIGINT); 2 bad input, nothing written; 3 a file of the run could not be
+written (full disk, I/O error), the last checkpoint intact; 4 the loss became non-finite,
+nothing non-finite saved.
+"""
 
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from chargpt.settings import InputError, LayeredCommand, build, config_option, options
 from trainer.config import TrainConfig
 from trainer.data import DataError
 from trainer.distributed import Distributed
-from trainer.train import TrainError, run_training
+from trainer.errors import RunError, TrainError
+from trainer.resume import resume_config
+from trainer.train import TrainResult, run_training
+
+
+class RunFailed(click.ClickException):
+    """A RunError, shown as one ``Error:`` line with its own exit code."""
+
+    def __init__(self, error: RunError) -> None:
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
 
 
 @click.command(cls=LayeredCommand)
 @options(TrainConfig)
 @config_option()
-def train(config: str | None, **settings: object) -> int:
+@click.pass_context
+def train(ctx: click.Context, config: str | None, **settings: object) -> int:
     """Train the character-level GPT and publish its checkpoint.
 
     Every setting can come from a flag, a --config file or a CHARGPT_* environment
-    variable, in that order of precedence. Data-parallel: torchrun --nproc_per_node N
-    --no-python chargpt train ...
+    variable, in that order of precedence. --resume continues the run in --out-dir with
+    its own settings; give only those to change. Data-parallel: torchrun --nproc_per_node
+    N --no-python chargpt train ...
     """
-    cfg = build(TrainConfig, settings)
     try:
+        if settings["resume"]:
+            given = {
+                name
+                for name in settings
+                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+            }
+            cfg = resume_config(settings, given)
+        else:
+            cfg = build(TrainConfig, settings)
         result = run_training(cfg)
     except (TrainError, DataError) as exc:
         raise InputError(str(exc)) from None
-    if result.stopped_by is None and Distributed.from_env().is_main:
-        if result.sample:
-            click.echo("\n--- sample from the best model ---")
-            click.echo(result.sample)
-            click.echo("---")
-        click.echo(f"checkpoint: {result.checkpoint} (best val loss {result.best_val_loss:.4f})")
+    except RunError as exc:
+        raise RunFailed(exc) from None
+    if Distributed.from_env().is_main:
+        report_end(result)
     return 130 if result.stopped_by == "SIGINT" else 0
+
+
+def report_end(result: TrainResult) -> None:
+    """The end-of-run sample and what the run published, or what a late signal did."""
+    if result.stopped_by is not None:
+        if result.late_signal:
+            click.echo(f"{result.late_signal}: the state of step {result.step} is already saved")
+        return
+    if result.sample:
+        click.echo("\n--- sample from the best model ---")
+        click.echo(result.sample)
+        click.echo("---")
+    if result.late_signal:
+        skipped = "; skipped the end-of-run sample" if result.sample_skipped else ""
+        click.echo(f"{result.late_signal}: the run is complete (step {result.step}){skipped}")
+    if result.checkpoint is not None:
+        click.echo(f"checkpoint: {result.checkpoint} (best val loss {result.best_val_loss:.4f})")
+    else:
+        click.echo("no checkpoint was published")

@@ -19,6 +19,14 @@ from chargpt.settings import check_settings, setting
 # the ones that shape the weights: a resumed run may change its dropout, not these.
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 ARCHITECTURE_FIELDS = tuple(name for name in MODEL_FIELDS if name != "dropout")
+# What --resume takes from the run and refuses to change: the weights' shape, what a step
+# is made of (its batches, drawn from the seeded generator), and the seed.
+RUN_FIELDS = (*ARCHITECTURE_FIELDS, "batch_size", "grad_accum_steps", "seed")
+# Every other setting a resumed run may change, and the change applies from the step it
+# resumes at: the schedule and the optimizer's settings (set on its parameter groups),
+# dropout, evaluation, the length of the run, its name, where and how it runs. Not
+# settings of the run at all: whether to resume or overwrite.
+NOT_RECORDED = ("resume", "overwrite")
 
 
 class ConfigError(ValueError):
@@ -51,7 +59,9 @@ class TrainConfig:
         "", "Label stored in the checkpoint and metrics. Default: run-<UTC time>."
     )
     # The lecture's hyperparameters.
-    batch_size: int = setting(16, "Sequences per optimizer step, per process.", minimum=1)
+    batch_size: int = setting(
+        16, "Sequences per micro-batch, per process (see --grad-accum-steps).", minimum=1
+    )
     block_size: int = setting(32, "Context length in characters.", minimum=1)
     max_iters: int = setting(5000, "Optimizer steps in the whole run.", minimum=1)
     learning_rate: float = setting(1e-3, "Peak learning rate (AdamW).", above=0)
@@ -86,7 +96,18 @@ class TrainConfig:
         minimum=0,
     )
     # Optimisation.
-    seed: int = setting(1337, "Seeds initialisation, batches, dropout and the final sample.")
+    grad_accum_steps: int = setting(
+        1,
+        "Micro-batches of --batch-size per optimizer step, their gradients accumulated: "
+        "N micro-batches of B train like one batch of N*B in the memory of B.",
+        minimum=1,
+    )
+    seed: int = setting(
+        1337,
+        "Seeds initialisation, batches, dropout and the final sample.",
+        minimum=0,
+        maximum=2**64 - 1,
+    )
     weight_decay: float = setting(
         0.01, "AdamW weight decay, applied to weight matrices and embeddings only.", minimum=0
     )
@@ -155,6 +176,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def warnings(self) -> list[str]:
+        """Settings that are allowed but probably not meant."""
+        if self.warmup_iters <= self.max_iters:
+            return []
+        return [
+            f"warmup ({self.warmup_iters} steps) is longer than the run ({self.max_iters} "
+            f"steps): the learning rate peaks at {self.learning_rate_at(self.max_iters - 1):.2e}"
+            f", not --learning-rate {self.learning_rate:.2e}; pass --warmup-iters to change it"
+        ]
 
     def learning_rate_at(self, step: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based): linear warmup, then

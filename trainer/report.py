@@ -1,5 +1,6 @@
 """What a run shows and records as it goes: the console, Prometheus metrics and
-``log.jsonl``. Only rank 0 reports; on the other ranks a ``Report`` does nothing."""
+``log.jsonl`` (strict JSON: a non-finite number is never written). Only rank 0 reports;
+on the other ranks a ``Report`` does nothing."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import torch
 
 from trainer.metrics import TrainerMetrics
 from trainer.progress import Progress, format_duration, format_rate
+from trainer.state import append_line
 
 
 class Throughput:
     """Training tokens per second since the last restart (each evaluation restarts it, so
-    that evaluation time does not count)."""
+    that evaluation time does not count). A step's tokens are those of all its
+    micro-batches on all ranks."""
 
     def __init__(self, tokens_per_step: int) -> None:
         self.tokens_per_step = tokens_per_step
@@ -105,8 +108,7 @@ class Report:
     def evaluation(self, ev: Evaluation, best_val_loss: float) -> None:
         if not self.enabled:
             return
-        with self.log.open("a") as log:
-            log.write(json.dumps(ev.record()) + "\n")
+        append_line(self.log, json.dumps(ev.record(), allow_nan=False))
         self.metrics.loss.labels("train").set(ev.train_loss)
         self.metrics.loss.labels("val").set(ev.val_loss)
         self.metrics.best_val_loss.set(best_val_loss)

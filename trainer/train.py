@@ -4,22 +4,29 @@
 corpus, the model and optimizer, the state to resume), then ``train`` runs the loop, which
 every ``eval_interval`` steps calls ``evaluate_and_checkpoint``.
 
-What a run writes to ``out_dir`` (rank 0 only; ``trainer/state.py``):
-- ``model.safetensors``: the best model by validation loss: the file the server loads.
-- ``latest.safetensors`` + ``resume.pt``: the latest weights and the ``TrainState`` that
-  continues them exactly (step, optimizer moments, random generators, ...). ``resume.pt``
-  is written last and names the digest of the weights it belongs to, so a pair is complete
-  only when both have landed.
-- ``log.jsonl``: one JSON object per evaluation.
+What a run writes to ``out_dir`` (rank 0 only; ``trainer/state.py``), in this order at
+each evaluation:
+
+1. ``model.safetensors``, on a new best validation loss: the file the server loads.
+2. A line of ``log.jsonl``.
+3. ``resume.pt``: the ``TrainState``, latest weights included, that continues the run
+   exactly. A checkpoint is complete when this file lands.
+4. ``latest.safetensors``: the latest weights in the served format.
+
+Each file is replaced atomically, so a crash or a full disk at any point leaves the
+previous ``resume.pt`` or the next one. The next start removes what a crash left behind
+(temporary files; log lines newer than the state it resumes from, written again when their
+evaluation is). Nothing non-finite is ever saved: a non-finite loss stops the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import signal
+import errno
+import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,66 +36,80 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from chargpt.checkpoint import (
-    CheckpointError,
-    CheckpointInfo,
-    load_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
+from chargpt.checkpoint import CheckpointInfo, checkpoint_bytes, load_checkpoint
 from chargpt.model import GPT, reference_generate
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
 from chargpt.sampling import SamplingParams
-from trainer.config import ARCHITECTURE_FIELDS, TrainConfig
+from trainer.config import NOT_RECORDED, TrainConfig
 from trainer.data import BatchSampler, Corpus, EvalWindows, fetch_tiny_shakespeare, read_text
 from trainer.distributed import Distributed
+from trainer.errors import DivergedError, RunError, TrainError
 from trainer.metrics import TrainerMetrics
+from trainer.optim import make_optimizer
 from trainer.progress import Progress
 from trainer.report import Evaluation, Report, Throughput
+from trainer.resume import load_resumable, restore
+from trainer.signals import SYNC_INTERVAL, LateSignalError, StopSignals
 from trainer.state import (
     RunFiles,
-    StateError,
     TrainState,
+    WriteError,
     gather_rng_states,
-    load_train_state,
-    restore_rng_states,
+    publish,
+    remove,
     save_train_state,
+    trim_log,
 )
 
-# On accelerators, steps between the loop's waits for the device: reading the batch loss
-# for the progress line, and (under DDP) agreeing whether a rank was told to stop.
-SYNC_INTERVAL = 10
+__all__ = ["RunError", "TrainError", "TrainResult", "run_training"]
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-class TrainError(Exception):
-    """A problem with the run's inputs, found before anything was written."""
 
 
 @dataclass(frozen=True)
 class TrainResult:
     step: int
     best_val_loss: float
-    checkpoint: Path
+    checkpoint: Path | None  # model.safetensors, when the run has published one
     stopped_by: str | None  # signal name when the run was interrupted
     sample: str = ""
+    sample_skipped: bool = False  # a signal came while the sample was drawn
+    late_signal: str | None = None  # a signal that came once the loop had ended
 
 
 def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
-    """Train per ``cfg``; raise TrainError (or DataError) before writing anything when an
-    input is unusable."""
+    """Train per ``cfg``. Raises TrainError (or DataError) before writing anything when an
+    input is unusable, RunError (DivergedError) when the run fails once it has started."""
     dist = Distributed.from_env()
-    with dist.process_group(cfg.device):
-        run = setup(cfg, dist, progress or Progress(cfg.max_iters))
+    stop = StopSignals()
+    try:
+        with dist.process_group(cfg.device):
+            with removed_if_unused(Path(cfg.out_dir), Path(cfg.data_dir), enabled=dist.is_main):
+                run = setup(cfg, dist, progress or Progress(cfg.max_iters))
+            stop.install()
+            try:
+                stopped_by = train(run, stop)
+            except WriteError as exc:
+                raise failed_write(exc, run.files, run.saved_step) from None
+            finally:
+                stop.loop_ended()
+                run.report.close()
+        return finish(run, stopped_by, stop)
+    finally:
+        stop.uninstall()
+
+
+def finish(run: Run, stopped_by: str | None, stop: StopSignals) -> TrainResult:
+    """The run's result, with rank 0's end-of-run sample unless a signal cuts it short."""
+    published = run.files.model if run.files.model.exists() else None
+    result = TrainResult(run.state.step, run.state.best_val_loss, published, stopped_by)
+    if run.dist.is_main and stopped_by is None and published and run.cfg.sample_length:
         try:
-            stopped_by = train(run)
-        finally:
-            run.report.close()
-    result = TrainResult(run.state.step, run.state.best_val_loss, run.files.model, stopped_by)
-    if dist.is_main and stopped_by is None and result.checkpoint.exists() and cfg.sample_length:
-        result = replace(result, sample=sample_from(result.checkpoint, cfg))
-    return result
+            with stop.interruptible():
+                result = replace(result, sample=sample_from(published, run.cfg))
+        except LateSignalError:
+            result = replace(result, sample_skipped=True)
+    return replace(result, late_signal=stop.late.name if stop.late else None)
 
 
 def sample_from(checkpoint: Path, cfg: TrainConfig) -> str:
@@ -96,6 +117,43 @@ def sample_from(checkpoint: Path, cfg: TrainConfig) -> str:
     served = load_checkpoint(checkpoint, resolve_device(cfg.device))
     new = reference_generate(served.model, [0], cfg.sample_length, SamplingParams(), cfg.seed)
     return served.tokenizer.decode(new)
+
+
+@contextlib.contextmanager
+def removed_if_unused(*dirs: Path, enabled: bool = True) -> Iterator[None]:
+    """Directories among ``dirs`` (and their parents) that the block creates are removed
+    again if it fails while they are still empty: a refused run leaves nothing behind."""
+    new = {p for d in dirs for p in (d, *d.parents) if not p.exists()} if enabled else set()
+    try:
+        yield
+    except BaseException:
+        for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def failed_write(exc: WriteError, files: RunFiles, saved_step: int | None) -> RunError:
+    """What failed and why, what is intact, and what to do."""
+    if not files.out_dir.is_dir():
+        return RunError(
+            f"{exc} (the run directory {files.out_dir} is gone): nothing is left to resume; "
+            f"train again"
+        )
+    fix = {
+        errno.ENOSPC: "free space",
+        errno.EDQUOT: "free space",
+        errno.EIO: "check the disk",
+        errno.EROFS: "make it writable",
+        errno.EACCES: "make it writable",
+    }.get(exc.cause.errno or 0, "fix that")
+    if saved_step is None:
+        return RunError(
+            f"{exc}; no checkpoint was saved yet: {fix} and train again with --overwrite"
+        )
+    return RunError(
+        f"{exc}; the checkpoint of step {saved_step} is intact: {fix} and run again with --resume"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,7 +164,7 @@ def sample_from(checkpoint: Path, cfg: TrainConfig) -> str:
 class Run:
     """A run, set up: everything the loop works with."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # the settings in force (a resumed run's own, with allowed changes)
     dist: Distributed
     device: torch.device
     autocast: contextlib.AbstractContextManager[Any]
@@ -114,11 +172,14 @@ class Run:
     corpus: Corpus
     model: GPT  # the weights: evaluated and saved
     train_model: torch.nn.Module  # the same weights as trained: under DDP and/or compiled
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]]  # DDP's, for micro-batches
     optimizer: torch.optim.Optimizer
     sampler: BatchSampler
     eval_batches: dict[str, Batches]  # by split, this rank's share
     state: TrainState
     report: Report
+    losses: LossWatch
+    saved_step: int | None  # the step of the last checkpoint that landed (resume.pt)
 
 
 def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
@@ -129,19 +190,16 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
     if dist.is_main:
         check_run_dir(files, cfg)
     corpus = load_corpus(cfg, dist)
-    resumed = load_resumable(files, cfg, corpus) if cfg.resume else None
-
+    resumed = None
+    if cfg.resume:
+        resumed, cfg = load_resumable(files, cfg, corpus)
+    elif not cfg.run_name:
+        cfg = replace(cfg, run_name=datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S"))
     model, optimizer, sampler = init_model(cfg, corpus, device, dist)
-    if resumed is None:
-        run_name = cfg.run_name or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
-        state = TrainState(run_name, corpus.sha256, cfg.to_dict())
-    else:
-        state, weights = resumed
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state.optimizer)
-        sampler.generator.set_state(state.batch_rng)
-        restore_rng_states(state, device, dist, cfg.seed)
-        state.train_config = cfg.to_dict()
+    state, changes = TrainState(cfg.run_name, corpus.sha256, cfg.to_dict()), {}
+    if resumed is not None:
+        state = resumed
+        changes = restore(state, cfg, model, optimizer, sampler, device, dist)
     train_model: torch.nn.Module = model
     if dist.enabled:
         train_model = DistributedDataParallel(
@@ -151,6 +209,8 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     report = start_report(cfg, dist, device, files, state, progress)
+    if dist.is_main:
+        tidy_run_dir(files, cfg, resumed)
     report.line(
         f"{state.run_name}: {model.num_parameters() / 1e6:.2f}M parameters, vocab "
         f"{corpus.tokenizer.vocab_size}, {len(corpus.train):,} train / {len(corpus.val):,} val "
@@ -158,8 +218,10 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
         + (f" x{dist.world_size} ranks" if dist.enabled else "")
         + (f", resuming at step {state.step}" if resumed is not None else "")
     )
-    if cfg.overwrite and dist.is_main:
-        files.log.unlink(missing_ok=True)
+    for name, (before, now) in changes.items():
+        report.line(f"resumed with {name} {now} (was {before})")
+    for warning in cfg.warnings():
+        report.line(f"note: {warning}")
     return Run(
         cfg=cfg,
         dist=dist,
@@ -169,11 +231,14 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
         corpus=corpus,
         model=model,
         train_model=train_model,
+        no_sync=train_model.no_sync if dist.enabled else contextlib.nullcontext,
         optimizer=optimizer,
         sampler=sampler,
         eval_batches=eval_batches(cfg, corpus, dist),
         state=state,
         report=report,
+        losses=LossWatch(device, 1 if device.type == "cpu" and not dist.enabled else SYNC_INTERVAL),
+        saved_step=None if resumed is None else state.step,
     )
 
 
@@ -219,6 +284,22 @@ def check_run_dir(files: RunFiles, cfg: TrainConfig) -> None:
         )
 
 
+def tidy_run_dir(files: RunFiles, cfg: TrainConfig, resumed: TrainState | None) -> None:
+    """Before the first step: remove what interrupted saves left (temporary files, log
+    lines newer than the state resumed from), or, with --overwrite, the replaced run's
+    state and log (its model.safetensors is served until the new run publishes one)."""
+    try:
+        for path in files.temporaries():
+            remove(path)
+        if cfg.overwrite:
+            for path in (files.resume, files.latest, files.log):
+                remove(path)
+        if resumed is not None:
+            trim_log(files.log, resumed.step)
+    except WriteError as exc:
+        raise failed_write(exc, files, resumed.step if resumed else None) from None
+
+
 def load_corpus(cfg: TrainConfig, dist: Distributed) -> Corpus:
     """Read (or, rank 0 first, download) the text and split it."""
     if cfg.data:
@@ -232,44 +313,6 @@ def load_corpus(cfg: TrainConfig, dist: Distributed) -> Corpus:
     return Corpus.from_text(text, sha256, cfg.block_size)
 
 
-def load_resumable(
-    files: RunFiles, cfg: TrainConfig, corpus: Corpus
-) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """The state and latest weights of the run in ``files``, if ``cfg`` and ``corpus`` can
-    continue it."""
-    try:
-        state = load_train_state(files.resume)
-    except StateError as exc:
-        raise TrainError(f"--resume: {exc}") from None
-    defaults = TrainConfig()  # runs saved before an option existed used its default
-    saved = {
-        name: state.train_config.get(name, getattr(defaults, name)) for name in ARCHITECTURE_FIELDS
-    }
-    different = [
-        f"{name}={saved[name]} there, {getattr(cfg, name)} here"
-        for name in ARCHITECTURE_FIELDS
-        if saved[name] != getattr(cfg, name)
-    ]
-    if different:
-        raise TrainError(
-            f"--resume: the run in {files.out_dir} has another architecture ("
-            + "; ".join(different)
-            + "); pass the same settings or train into another --out-dir"
-        )
-    if state.dataset_sha256 != corpus.sha256:
-        raise TrainError(
-            f"--resume: the run in {files.out_dir} was trained on data with sha256 "
-            f"{state.dataset_sha256}, but this data has {corpus.sha256}"
-        )
-    try:
-        weights, latest = read_checkpoint(files.latest.read_bytes())
-    except (OSError, CheckpointError) as exc:
-        raise TrainError(f"--resume: cannot read {files.latest}: {exc}") from None
-    if latest.content_sha256 != state.latest_sha256:
-        raise TrainError(f"--resume: {files.latest} does not belong to {files.resume}")
-    return state, weights
-
-
 def init_model(
     cfg: TrainConfig, corpus: Corpus, device: torch.device, dist: Distributed
 ) -> tuple[GPT, torch.optim.AdamW, BatchSampler]:
@@ -278,24 +321,16 @@ def init_model(
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config(corpus.tokenizer.vocab_size)).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    sampler = BatchSampler(
-        corpus.train, cfg.block_size, cfg.batch_size, cfg.seed, dist.rank, dist.world_size
+    sampler = BatchSampler(  # one draw per optimizer step: every micro-batch's windows
+        corpus.train,
+        cfg.block_size,
+        cfg.batch_size * cfg.grad_accum_steps,
+        cfg.seed,
+        dist.rank,
+        dist.world_size,
     )
-    torch.manual_seed(cfg.seed + dist.rank)
+    torch.manual_seed((cfg.seed + dist.rank) % 2**64)
     return model, optimizer, sampler
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (nanoGPT's grouping), fused kernel where
-    PyTorch has one for the device."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
 
 
 def eval_batches(cfg: TrainConfig, corpus: Corpus, dist: Distributed) -> dict[str, Batches]:
@@ -339,78 +374,131 @@ def start_report(
 # The loop
 
 
-def train(run: Run) -> str | None:
+def train(run: Run, stop: StopSignals) -> str | None:
     """Train from ``run.state`` to ``max_iters``; returns the name of the signal that
-    stopped the run early, or None."""
+    stopped the run early, or None. Raises DivergedError on a non-finite loss, WriteError when
+    a file cannot be written."""
     cfg, state = run.cfg, run.state
-    meter = Throughput(cfg.batch_size * cfg.block_size * run.dist.world_size)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
+    meter = Throughput(tokens_per_step * run.dist.world_size)
     started = time.monotonic() - state.elapsed_s
-    stop = StopSignals()
     run.model.train()
-    with stop.installed():
-        while state.step < cfg.max_iters:
-            lr = cfg.learning_rate_at(state.step)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            x, y = run.sampler.next_batch()
-            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-            loss = train_step(run.train_model, run.optimizer, x, y, cfg.grad_clip, run.autocast)
-            state.step += 1
-            state.tokens_seen += meter.tokens_per_step
-            state.elapsed_s = time.monotonic() - started
-            meter.step()
-            run.report.step(state.step, lr, loss, meter)
+    while state.step < cfg.max_iters:
+        step_started = time.monotonic()
+        lr = cfg.learning_rate_at(state.step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss = train_step(
+            run.train_model, run.optimizer, micro_batches(run), cfg.grad_clip, run.autocast,
+            run.no_sync,
+        )  # fmt: skip
+        run.losses.add(loss)
+        state.step += 1
+        state.tokens_seen += meter.tokens_per_step
+        state.elapsed_s = time.monotonic() - started
+        meter.step()
+        run.report.step(state.step, lr, loss, meter)
+        state.train_s += time.monotonic() - step_started
 
-            evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
-            if evaluated:
-                evaluate_and_checkpoint(run, lr, meter, started)
-                meter.restart()
+        evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
+        if evaluated or state.step % run.losses.interval == 0:
+            check_losses(run)
+        if evaluated:
+            evaluate_and_checkpoint(run, lr, meter, started)
+            meter.restart()
 
-            received = stop.check(run.dist, run.device, state.step, cfg.max_iters)
-            if received is not None:
-                if not evaluated:
-                    save_latest(run, None, None)
-                run.report.line(
-                    f"{received.name}: stopped at step {state.step}; continue with --resume"
-                )
-                return received.name
+        received = stop.check(run.dist, run.device, state.step, cfg.max_iters)
+        if received is not None:
+            if not evaluated:
+                check_losses(run)
+                save_latest(run, None, None)
+            run.report.line(
+                f"{received.name}: stopped at step {state.step}; continue with --resume"
+            )
+            return received.name
     return None
+
+
+def micro_batches(run: Run) -> Batches:
+    """This step's batch, on the device, as ``grad_accum_steps`` micro-batches."""
+    x, y = run.sampler.next_batch()
+    size, device = run.cfg.batch_size, run.device
+    return [
+        (xs.to(device, non_blocking=True), ys.to(device, non_blocking=True))
+        for xs, ys in zip(x.split(size), y.split(size), strict=True)
+    ]
 
 
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batches: Batches,
     grad_clip: float,
     autocast: contextlib.AbstractContextManager[Any],
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> torch.Tensor:
-    """One optimizer step on a batch; returns the batch loss (not synchronised)."""
-    with autocast:
-        _, loss = model(x, y)
+    """One optimizer step on a batch given as micro-batches, whose gradients add up: each
+    loss weighs 1/len(batches), so N micro-batches of B step like one batch of N*B. Under
+    DDP, ``no_sync`` holds the gradients' all-reduce back until the last micro-batch.
+    Returns the batch loss (not synchronised)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = torch.zeros(())
+    for i, (x, y) in enumerate(batches):
+        with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
+            with autocast:
+                _, loss = model(x, y)
+            (loss / len(batches)).backward()
+        total = loss.detach() if i == 0 else total + loss.detach()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
-    return loss
+    return total / len(batches)
+
+
+class LossWatch:
+    """Whether a training loss was non-finite, noted on the device; looking waits for it,
+    so the loop looks every ``interval`` steps and before it saves."""
+
+    def __init__(self, device: torch.device, interval: int) -> None:
+        self.interval = interval
+        self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.non_finite |= ~torch.isfinite(loss)
+
+
+def check_losses(run: Run) -> None:
+    """Raise DivergedError if a training loss since the start was non-finite (on any rank)."""
+    if run.dist.any(bool(run.losses.non_finite.item()), run.device):
+        raise diverged(run, f"the training loss became non-finite by step {run.state.step}")
+
+
+def diverged(run: Run, what: str) -> DivergedError:
+    if run.saved_step is None:
+        return DivergedError(f"{what}; nothing was saved: lower --learning-rate and train again")
+    return DivergedError(
+        f"{what}; stopped without saving it: the checkpoint of step {run.saved_step} is "
+        f"intact: lower --learning-rate (or set --grad-clip) and run again with --resume"
+    )
 
 
 def evaluate_and_checkpoint(run: Run, lr: float, meter: Throughput, started: float) -> None:
-    """Evaluate both splits, publish ``model.safetensors`` on a new best validation loss,
-    save the latest state, and report. ``started``: when the run's elapsed time was 0."""
+    """Evaluate both splits, then write, in this order: ``model.safetensors`` on a new
+    best validation loss, the log line, the checkpoint (``save_latest``). ``started``:
+    when the run's elapsed time was 0."""
     state = run.state
     rate, eta = meter.rate(), meter.eta(run.cfg.max_iters - state.step)
     train_loss = evaluate(run, run.eval_batches["train"])
     val_loss = evaluate(run, run.eval_batches["val"])
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        raise diverged(run, f"the evaluation loss is {val_loss} at step {state.step}")
     improved = val_loss < state.best_val_loss
     if improved:
         state.best_val_loss = val_loss
         if run.dist.is_main:
-            save_checkpoint(run.files.model, run.model, describe(run, train_loss, val_loss))
+            publish_weights(run, run.files.model, train_loss, val_loss)
             run.report.published("best")
     state.elapsed_s = time.monotonic() - started
-    save_latest(run, train_loss, val_loss)
     evaluation = Evaluation(
         step=state.step,
         train_loss=train_loss,
@@ -423,6 +511,7 @@ def evaluate_and_checkpoint(run: Run, lr: float, meter: Throughput, started: flo
         eta_s=eta,
     )
     run.report.evaluation(evaluation, state.best_val_loss)
+    save_latest(run, train_loss, val_loss)
 
 
 @torch.inference_mode()
@@ -444,24 +533,45 @@ def evaluate(run: Run, batches: Batches) -> float:
 
 
 def save_latest(run: Run, train_loss: float | None, val_loss: float | None) -> None:
-    """Publish ``latest.safetensors``, then the ``TrainState`` that continues it. Every
-    rank takes part (each one's random generator state is gathered); rank 0 writes."""
+    """The checkpoint: the ``TrainState`` with the latest weights, whose landing makes it
+    complete; then the same weights as ``latest.safetensors``. Every rank takes part (each
+    one's random generator state is gathered); rank 0 writes."""
     torch_rng, cuda_rng = gather_rng_states(run.device, run.dist)
     if not run.dist.is_main:
         return
-    latest = save_checkpoint(run.files.latest, run.model, describe(run, train_loss, val_loss))
+    require_finite_weights(run)
     state = run.state
-    state.optimizer = run.optimizer.state_dict()
+    state.weights = run.model.state_dict()
+    state.optimizers = {"adamw": run.optimizer.state_dict()}
     state.batch_rng = run.sampler.generator.get_state()
     state.torch_rng, state.cuda_rng = torch_rng, cuda_rng
-    state.latest_sha256 = latest.content_sha256
-    save_train_state(run.files.resume, state)
+    try:
+        save_train_state(run.files.resume, state)
+    finally:
+        state.weights, state.optimizers = {}, {}
+    run.saved_step = state.step
+    publish_weights(run, run.files.latest, train_loss, val_loss)
     run.report.published("latest")
 
 
+def publish_weights(run: Run, path: Path, train_loss: float | None, val_loss: float | None) -> None:
+    """The model as it is now, in the served format, at ``path``."""
+    require_finite_weights(run)
+    publish(path, checkpoint_bytes(run.model, describe(run, train_loss, val_loss)))
+
+
+def require_finite_weights(run: Run) -> None:
+    finite = torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all()
+    if not finite:
+        raise diverged(run, f"the weights became non-finite by step {run.state.step}")
+
+
 def describe(run: Run, train_loss: float | None, val_loss: float | None) -> CheckpointInfo:
-    """The metadata of a checkpoint of the model as it is now."""
-    training = {k: v for k, v in run.cfg.to_dict().items() if k not in ("resume", "overwrite")}
+    """The metadata of a checkpoint of the model as it is now: the settings in force, and
+    those changed on resume."""
+    training = {k: v for k, v in run.cfg.to_dict().items() if k not in NOT_RECORDED}
+    if run.state.changes:
+        training["changed_on_resume"] = run.state.changes
     return CheckpointInfo(
         config=run.model.config,
         vocab=run.corpus.tokenizer.vocab,
@@ -470,43 +580,6 @@ def describe(run: Run, train_loss: float | None, val_loss: float | None) -> Chec
         val_loss=val_loss,
         dataset_sha256=run.corpus.sha256,
         run_name=run.state.run_name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         training={**training, "world_size": run.dist.world_size},
     )
-
-
-class StopSignals:
-    """SIGINT and SIGTERM become a request to stop, which the loop checks between steps.
-
-    All ranks must stop at the same step. Under DDP they agree by an all-reduce, which waits
-    for the device, so only every ``SYNC_INTERVAL`` steps and at the last step.
-    """
-
-    def __init__(self) -> None:
-        self.received: signal.Signals | None = None
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopSignals]:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        try:
-            yield self
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-
-    def check(
-        self, dist: Distributed, device: torch.device, step: int, max_iters: int
-    ) -> signal.Signals | None:
-        """The signal to stop for after ``step``, once every rank knows of it (a rank that
-        received none stops for another's, as for SIGTERM)."""
-        if not dist.enabled:
-            return self.received
-        if step % SYNC_INTERVAL and step != max_iters:
-            return None
-        if dist.any(self.received is not None, device):
-            return self.received or signal.SIGTERM
-        return None
