@@ -127,6 +127,11 @@ def info(path: str, as_json: bool) -> None:
     """Print what a checkpoint holds (and verify it)."""
     from chargpt.checkpoint import CheckpointError, load_checkpoint
 
+    if _is_zip(path):
+        raise InputError(
+            f"{path} is not a weights file: it is a torch file (resume.pt holds a run's "
+            f"resume state); chargpt info reads .safetensors checkpoints"
+        )
     try:
         loaded = load_checkpoint(path)
     except CheckpointError as exc:
@@ -157,10 +162,23 @@ def info(path: str, as_json: bool) -> None:
         click.echo(f"{key:>15}: {value}")
 
 
+def _is_zip(path: str) -> bool:
+    """Whether ``path`` is a zip archive, as ``torch.save`` writes them."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False  # load_checkpoint says why
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors (exit 2 for bad input), the command's exit code otherwise."""
+    """Entry point: one-line errors (exit 2 for bad input), the command's exit code otherwise;
+    a bare ``chargpt`` prints its usage and exits 0."""
     try:
         code = cli.main(args=argv, prog_name="chargpt", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.format_message())
+        sys.exit(0)
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,19 @@ def make_text(n_chars: int = 20_000, seed: int = 0) -> str:
         line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 10)))
         lines.append(f"{name}:\n{line.capitalize()}.\n\n")
     return "".join(lines)[:n_chars]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Train on one thread in process, as subprocesses do (``run_chargpt`` sets
+    OMP_NUM_THREADS=1): results are bit-identical only for the same thread count, and for
+    tiny models two threads on a busy machine are many times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

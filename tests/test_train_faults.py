@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,15 +52,7 @@ SAVE_SEQUENCE = [
 POINT_IDS = [f"{file}:{step}" for file, step in SAVE_SEQUENCE]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Train on one thread, as the subprocesses do (OMP_NUM_THREADS=1): results are
-    bit-identical only for the same thread count, and for a model this small two threads
-    on a busy machine are many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(data: Path, out: Path, **settings: Any) -> TrainConfig:

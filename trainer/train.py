@@ -82,10 +82,10 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
     input is unusable, RunError (DivergedError) when the run fails once it has started."""
     dist = Distributed.from_env()
     stop = StopSignals()
+    new_dirs = removed_if_unused(Path(cfg.out_dir), Path(cfg.data_dir), enabled=dist.is_main)
     try:
-        with dist.process_group(cfg.device):
-            with removed_if_unused(Path(cfg.out_dir), Path(cfg.data_dir), enabled=dist.is_main):
-                run = setup(cfg, dist, progress or Progress(cfg.max_iters))
+        with dist.process_group(cfg.device), new_dirs:
+            run = setup(cfg, dist, progress or Progress(cfg.max_iters))
             stop.install()
             try:
                 stopped_by = train(run, stop)
@@ -122,7 +122,8 @@ def sample_from(checkpoint: Path, cfg: TrainConfig) -> str:
 @contextlib.contextmanager
 def removed_if_unused(*dirs: Path, enabled: bool = True) -> Iterator[None]:
     """Directories among ``dirs`` (and their parents) that the block creates are removed
-    again if it fails while they are still empty: a refused run leaves nothing behind."""
+    again if it fails while they are still empty: a failed run leaves no empty directory
+    behind."""
     new = {p for d in dirs for p in (d, *d.parents) if not p.exists()} if enabled else set()
     try:
         yield
@@ -474,11 +475,13 @@ def check_losses(run: Run) -> None:
 
 
 def diverged(run: Run, what: str) -> DivergedError:
+    """The error for a run whose loss or weights became non-finite: nothing is saved."""
+    fix = "lower --learning-rate (or set --grad-clip)"
     if run.saved_step is None:
-        return DivergedError(f"{what}; nothing was saved: lower --learning-rate and train again")
+        return DivergedError(f"{what}; nothing was saved: {fix} and train again")
     return DivergedError(
-        f"{what}; stopped without saving it: the checkpoint of step {run.saved_step} is "
-        f"intact: lower --learning-rate (or set --grad-clip) and run again with --resume"
+        f"{what}; stopped without saving: the checkpoint of step {run.saved_step} is intact; "
+        f"{fix} and run again with --resume"
     )
 
 
