@@ -12,6 +12,7 @@ real, with SIGKILL, in a subprocess (``tests/fault_at.py``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,3 +247,41 @@ def test_a_full_disk_is_one_error_line_exit_3_without_a_traceback(
         f"of step 4 is intact: free space and run again with --resume"
     ]
     assert "checkpoint:" not in failed.stdout
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[None]:
+    """A tmpfs of ``size`` bytes mounted at ``path`` (skips the test where mounting is not
+    permitted)."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_disk_that_really_fills_then_grows_resumes_to_the_same_end(
+    recorded: Recorded, small_text_file: Path, tmp_path: Path
+) -> None:
+    # Room for the files of one evaluation, not for the next one's new best model beside them.
+    page = 4096
+    files = [p.stat().st_size for p in recorded.out.iterdir()]
+    size = (sum(-(-n // page) for n in files) + 2) * page
+    disk = tmp_path / "disk"
+    with tmpfs(disk, size):
+        out = disk / "out"
+        with pytest.raises(RunError) as failed:
+            train(config(small_text_file, out))
+        assert str(failed.value) == (
+            f"cannot write {out / 'model.safetensors'}: No space left on device; the checkpoint "
+            f"of step 2 is intact: free space and run again with --resume"
+        )
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        train(config(small_text_file, out, resume=True))
+        assert_same_end(out, recorded.out)
