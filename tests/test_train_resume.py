@@ -66,6 +66,22 @@ def test_resume_takes_the_runs_own_settings_and_a_longer_run_ends_like_a_straigh
     assert info.training["changed_on_resume"] == [{"step": 4, "settings": {"max_iters": [4, 6]}}]
 
 
+def test_a_run_moved_elsewhere_resumes_where_it_is(
+    four_steps: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    four_steps.rename(moved / "out")
+    monkeypatch.chdir(moved)
+    code, _, err = chargpt(capsys, "train", "--resume", "--max-iters=6")  # --out-dir out
+    assert code == 0, err
+    assert not four_steps.exists()
+    assert load_checkpoint(moved / "out" / "latest.safetensors").info.step == 6
+
+
 def test_a_changed_weight_decay_is_applied_for_real_and_recorded(
     four_steps: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -48,10 +48,10 @@ def resume_config(values: Mapping[str, Any], given: Collection[str]) -> TrainCon
         saved = read_run_config(files.resume)
     except StateError as exc:
         raise TrainError(f"--resume: {exc}") from None
-    taken = {
+    taken = {  # the run's own settings; where it is stays where it was found
         name: value
         for name, value in saved.items()
-        if name in values and name not in given and name not in NOT_RECORDED
+        if name in values and name not in given and name not in (*NOT_RECORDED, "out_dir")
     }
     cfg = build(TrainConfig, {**values, **taken})
     check_run_fields(saved, {name: getattr(cfg, name) for name in given if name in values}, files)
