@@ -443,17 +443,17 @@ def train_step(
     DDP, ``no_sync`` holds the gradients' all-reduce back until the last micro-batch.
     Returns the batch loss (not synchronised)."""
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros(())
+    losses = []
     for i, (x, y) in enumerate(batches):
         with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
             with autocast:
                 _, loss = model(x, y)
             (loss / len(batches)).backward()
-        total = loss.detach() if i == 0 else total + loss.detach()
+        losses.append(loss.detach())
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
-    return total / len(batches)
+    return torch.stack(losses).mean()
 
 
 class LossWatch:
