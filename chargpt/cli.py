@@ -54,7 +54,7 @@ def cli() -> None:
     default="",
     show_default=True,
     help="Text to continue. Empty starts from vocabulary entry 0 (a newline for "
-    "Tiny Shakespeare), as the seed does.",
+    "Tiny Shakespeare), as the lecture does.",
 )
 @click.option(
     "--max-new-tokens",
