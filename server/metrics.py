@@ -15,7 +15,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 # Why a request was refused before it ran (the label of chargpt_rejected_requests_total).
-REJECTIONS = ("invalid", "overloaded", "no_model", "draining")
+REJECTIONS = ("invalid", "overloaded", "no_model", "draining", "unauthenticated")
 
 
 class ServerMetrics:
@@ -83,7 +83,8 @@ class ServerMetrics:
         )  # fmt: skip
         self.rejected = Counter(
             "chargpt_rejected_requests",
-            "Requests refused before running, by reason (overloaded, invalid, no_model, draining).",
+            "Requests refused before running, by reason (overloaded, invalid, no_model, "
+            "draining, unauthenticated).",
             ["reason"], registry=r,
         )  # fmt: skip
         self.model_info = Info("chargpt_model", "The checkpoint being served.", registry=r)
@@ -96,6 +97,11 @@ class ServerMetrics:
         self.reloads = Counter(
             "chargpt_model_reloads",
             "Checkpoint load attempts, by outcome (loaded, refused).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.token_reloads = Counter(
+            "chargpt_token_file_reloads",
+            "New versions of the --auth-token-file, by outcome (loaded, refused).",
             ["outcome"], registry=r,
         )  # fmt: skip
         # Known label values exist from the start (at 0), so rate() and alerts work before
@@ -113,6 +119,7 @@ class ServerMetrics:
             self.positions.labels(work)
         for outcome in ("loaded", "refused"):
             self.reloads.labels(outcome)
+            self.token_reloads.labels(outcome)
         self._http = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
