@@ -132,7 +132,9 @@ class InferenceServer:
         # above the engine's own admission control.
         limit = self.config.max_running + self.config.max_waiting + 64
         options = [("grpc.max_receive_message_length", self.config.receive_limit())]
-        interceptors = [TokenAuthInterceptor(self.tokens, self.metrics)] if self.tokens else []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.tokens is not None:
+            interceptors.append(TokenAuthInterceptor(self.tokens, self.metrics))
         server = grpc.aio.server(
             interceptors=interceptors, maximum_concurrent_rpcs=limit, options=options
         )

@@ -50,7 +50,7 @@ class ClientTLS:
 
     def channel(self, target: str) -> grpc.Channel:
         credentials = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
-        options = []
+        options: list[tuple[str, str]] = []
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         return grpc.secure_channel(target, credentials, options=options)
@@ -73,7 +73,6 @@ class LanguageModelClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self.tls = tls
         channel = tls.channel(target) if tls is not None else grpc.insecure_channel(target)
         if token:
             channel = grpc.intercept_channel(channel, BearerToken(token))

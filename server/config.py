@@ -53,7 +53,7 @@ class ServerConfig:
     host: str = setting(
         "127.0.0.1",
         "Address gRPC listens on: 127.0.0.1 is this machine only, 0.0.0.0 every interface "
-        "(what the container image sets).",
+        "(the container's setting).",
     )
     port: int = setting(50051, "gRPC port.", minimum=1, maximum=65535)
     metrics_port: int = setting(
