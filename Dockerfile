@@ -37,12 +37,14 @@ RUN site="$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 
 FROM ${PYTHON_IMAGE} AS runtime
 COPY --from=builder /opt/venv /opt/venv
-# CHARGPT_* are the commands' own settings; compose overrides them per service.
+# CHARGPT_* are the commands' own settings; compose overrides them per service. Inside the
+# container the server listens on every interface (outside one it defaults to loopback).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CHARGPT_OUT_DIR=/models \
     CHARGPT_DATA_DIR=/data \
-    CHARGPT_CHECKPOINT=/models/model.safetensors
+    CHARGPT_CHECKPOINT=/models/model.safetensors \
+    CHARGPT_HOST=0.0.0.0
 RUN groupadd --gid 10001 chargpt \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin chargpt \

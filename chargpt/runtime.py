@@ -58,7 +58,7 @@ def configure_cpu_threads(processes_per_machine: int = 1) -> int:
 
     Only ever lowers it: ``torch.set_num_threads`` also turns off MKL's dynamic threading,
     after which small matrix products always use every thread. On 2 cores that made a
-    (512 x 64) @ (64 x 192) product 79 -> 111 us and the seed-default training step
+    (512 x 64) @ (64 x 192) product 79 -> 111 us and the lecture-default training step
     about 15% slower, so when the default already fits the allowance it is left alone.
     """
     threads = max(1, cpu_allowance() // processes_per_machine)

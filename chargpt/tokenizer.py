@@ -69,6 +69,6 @@ class CharTokenizer:
 
 
 def prompt_ids(tokenizer: CharTokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt; an empty prompt starts from id 0, as the seed's generation
+    """Token ids of a prompt; an empty prompt starts from id 0, as the lecture's generation
     does (a newline for Tiny Shakespeare)."""
     return tokenizer.encode(prompt) if prompt else [0]

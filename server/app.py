@@ -10,6 +10,7 @@ polls in another.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 import time
@@ -23,12 +24,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
+from server.auth import TokenAuthInterceptor, TokenFile
 from server.config import ServerConfig
 from server.engine import Engine, ServedModel, deliver_directly
 from server.metrics import ServerMetrics
 from server.model_loader import ModelWatcher
 from server.requests import Event, Generation
 from server.service import SERVICE_NAME, LanguageModelService
+from server.tls import ServerTLS, load_server_tls
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,12 +48,48 @@ def resolve_dtype(device: torch.device, name: str) -> torch.dtype:
     return dtype
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only reaches this machine (a host name other than localhost might
+    resolve anywhere, so it does not count)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, tls: bool, tokens: bool) -> str | None:
+    """What is unsafe about listening on ``host`` like this, if anything."""
+    if tls or is_loopback(host):
+        return None
+    if not tokens:
+        return (
+            f"gRPC listens on {host} with neither TLS nor tokens: anyone who can reach the "
+            "port may call the server, in clear text. Give --tls-cert/--tls-key and "
+            "--auth-token-file, or --host 127.0.0.1 (in a container: publish the port on "
+            "127.0.0.1 only, as docker-compose.yml does)"
+        )
+    return (
+        f"gRPC listens on {host} without TLS: bearer tokens cross the network in clear "
+        "text. Give --tls-cert/--tls-key (or terminate TLS in front of the server)"
+    )
+
+
 class InferenceServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(self.device, config.dtype)
         self.metrics = ServerMetrics()
+        self.tls: ServerTLS | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
+        self.tokens: TokenFile | None = None
+        if config.auth_token_file is not None:
+            self.tokens = TokenFile(
+                Path(config.auth_token_file), self.metrics, config.reload_seconds
+            )
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
         self.engine = Engine(
@@ -65,6 +104,12 @@ class InferenceServer:
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
+
+    def _describe_security(self) -> str:
+        tls = self.tls.describe() if self.tls is not None else "plaintext"
+        if self.tokens is None:
+            return f"{tls}, no token needed"
+        return f"{tls}, accepting {self.tokens.tokens} from {self.tokens.path}"
 
     def _deliver(self, batch: list[tuple[Generation, Event]]) -> None:
         """Engine thread -> event loop: one wake-up per decode step."""
@@ -87,14 +132,23 @@ class InferenceServer:
         # above the engine's own admission control.
         limit = self.config.max_running + self.config.max_waiting + 64
         options = [("grpc.max_receive_message_length", self.config.receive_limit())]
-        server = grpc.aio.server(maximum_concurrent_rpcs=limit, options=options)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.tokens is not None:
+            interceptors.append(TokenAuthInterceptor(self.tokens, self.metrics))
+        server = grpc.aio.server(
+            interceptors=interceptors, maximum_concurrent_rpcs=limit, options=options
+        )
         server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, self.tls.credentials())
         await server.start()
         self.grpc_server = server
         return port
@@ -106,7 +160,9 @@ class InferenceServer:
         if self.device.type == "cpu":
             configure_cpu_threads()
         if self.config.metrics_port:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+            self.metrics_port = self.metrics.serve(
+                self.config.metrics_port, self.config.metrics_bind
+            )
         self._loop_thread.start()
         try:
             self.port = self._on_loop(self._start_grpc())
@@ -115,11 +171,16 @@ class InferenceServer:
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc}"
             ) from None
         log.info(
-            "listening: grpc %s:%d, metrics %s; device %s, dtype %s",
-            self.config.host, self.port,
-            f"{self.config.host}:{self.metrics_port}" if self.metrics_port else "off",
+            "listening: grpc %s:%d (%s), metrics %s; device %s, dtype %s",
+            self.config.host, self.port, self._describe_security(),
+            f"{self.config.metrics_bind}:{self.metrics_port}" if self.metrics_port else "off",
             self.device, str(self.dtype).removeprefix("torch."),
         )  # fmt: skip
+        warning = exposure_warning(self.config.host, self.tls is not None, self.tokens is not None)
+        if warning:
+            log.warning("%s", warning)
+        if self.tokens is not None:
+            self.tokens.start()
         if not self.watcher.check_once() and self.service.model is None:
             log.warning("no servable checkpoint at %s yet; NOT_SERVING until one appears",
                         self.config.checkpoint)  # fmt: skip
@@ -140,6 +201,8 @@ class InferenceServer:
         if running or waiting:
             log.warning("grace period over: ending %d running, %d waiting", running, waiting)
         self.watcher.stop()
+        if self.tokens is not None:
+            self.tokens.stop()
         self.engine.request_stop()
 
     def close(self) -> None:

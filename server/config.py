@@ -50,10 +50,36 @@ class ServerConfig:
         "NOT_SERVING and loads it when it appears, and reloads it whenever it changes.",
         type=click.Path(dir_okay=False),
     )
-    host: str = setting("0.0.0.0", "Address to listen on (gRPC and metrics).")
+    host: str = setting(
+        "127.0.0.1",
+        "Address gRPC listens on: 127.0.0.1 is this machine only, 0.0.0.0 every interface "
+        "(the container's setting).",
+    )
     port: int = setting(50051, "gRPC port.", minimum=1, maximum=65535)
     metrics_port: int = setting(
         9100, "Prometheus /metrics port (0 = off).", minimum=0, maximum=65535
+    )
+    metrics_host: str | None = setting(
+        None, "Address /metrics (plain HTTP, no authentication) listens on (default: --host)."
+    )
+    tls_cert: str | None = setting(
+        None,
+        "PEM certificate (chain) to serve gRPC over TLS with; needs --tls-key.",
+        type=click.Path(dir_okay=False),
+    )
+    tls_key: str | None = setting(
+        None, "PEM private key of --tls-cert (unencrypted).", type=click.Path(dir_okay=False)
+    )
+    tls_client_ca: str | None = setting(
+        None,
+        "PEM CA certificate(s): require client certificates signed by them (mutual TLS).",
+        type=click.Path(dir_okay=False),
+    )
+    auth_token_file: str | None = setting(
+        None,
+        "File of bearer tokens, one per line ('#' comments): every call but grpc.health.v1 "
+        "must send 'authorization: Bearer <token>'. Re-read when it changes.",
+        type=click.Path(dir_okay=False),
     )
     device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
     dtype: str = setting(
@@ -72,7 +98,9 @@ class ServerConfig:
         minimum=0,
     )
     reload_seconds: float = setting(
-        1.0, "How often to check the checkpoint file for a new version.", minimum=0.05
+        1.0,
+        "How often to check the checkpoint (and the token file) for a new version.",
+        minimum=0.05,
     )
     drain_seconds: float = setting(
         10.0, "On SIGTERM: how long in-flight requests may take to finish.", minimum=0
@@ -84,6 +112,17 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                "tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS that also "
+                "asks clients for certificates"
+            )
+
+    @property
+    def metrics_bind(self) -> str:
+        return self.host if self.metrics_host is None else self.metrics_host
 
     def receive_limit(self) -> int:
         """The largest request message gRPC will read: four times the largest valid

@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 # Why a request was refused before it ran (the label of chargpt_rejected_requests_total).
-REJECTIONS = ("invalid", "overloaded", "no_model", "draining")
+REJECTIONS = ("invalid", "overloaded", "no_model", "draining", "unauthenticated")
 
 
 class ServerMetrics:
@@ -134,6 +134,11 @@ class ServerMetrics:
         )  # fmt: skip
         self.reloads = self._counter(
             "chargpt_model_reloads", "Checkpoint load attempts, by outcome (loaded, refused).",
+            "outcome", ("loaded", "refused"),
+        )  # fmt: skip
+        self.token_reloads = self._counter(
+            "chargpt_token_file_reloads",
+            "New versions of the --auth-token-file, by outcome (loaded, refused).",
             "outcome", ("loaded", "refused"),
         )  # fmt: skip
 

@@ -8,8 +8,6 @@ is refused with a log line and a metric; whatever was serving keeps serving.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,17 +18,9 @@ from chargpt.checkpoint import CheckpointError, load_checkpoint
 from server.decoder import Decoder
 from server.engine import ServedModel
 from server.metrics import ServerMetrics
+from server.watch import FileSignature, Poller, file_signature
 
 log = logging.getLogger(__name__)
-FileSignature = tuple[int, int, int]  # inode, mtime_ns, size
-
-
-def file_signature(path: Path) -> FileSignature | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def load_served_model(
@@ -68,10 +58,8 @@ class ModelWatcher:
         self.cache_slots = cache_slots
         self.metrics = metrics
         self.on_model = on_model
-        self.poll_seconds = poll_seconds
         self._seen: FileSignature | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+        self._poller = Poller("model-watcher", self.check_once, poll_seconds)
 
     def check_once(self) -> bool:
         """Load the file if it changed since the last attempt; True if a model was published."""
@@ -100,12 +88,7 @@ class ModelWatcher:
         return True
 
     def start(self) -> None:
-        self._thread.start()
+        self._poller.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            self.check_once()
+        self._poller.stop()

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Before anything imports torch, and inherited by every process a test starts: OpenMP
+# threads that sleep at barriers instead of spinning (see chargpt.cli.calm_openmp), so
+# that the suite keeps its speed on a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAKESPEARE = Path(
     os.environ.get(

@@ -11,11 +11,14 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.client import LanguageModelClient
+from server.client import ClientTLS, LanguageModelClient
 from tests.conftest import REPO
+
+SAME: Any = object()  # ServerProcess.connect(): the server's own setting
 
 
 def free_port() -> int:
@@ -39,19 +42,44 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> None
 
 
 class ServerProcess:
-    """``with ServerProcess(checkpoint, "--max-running", "4") as server: server.client...``"""
+    """``with ServerProcess(checkpoint, "--max-running", "4") as server: server.client...``
 
-    def __init__(self, checkpoint: Path, *args: str, wait_serving: bool = True) -> None:
+    ``env`` adds ``CHARGPT_*`` settings to the server's environment; ``tls`` and ``token``
+    are what ``server.client`` (and ``connect()``) use to reach it.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        *args: str,
+        wait_serving: bool = True,
+        env: dict[str, str] | None = None,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
+    ) -> None:
         self.checkpoint = checkpoint
         self.port = free_port()
         self.metrics_port = free_port()
         self.args = args
         self.wait_serving = wait_serving
+        self.extra_env = env or {}
+        self.tls = tls
+        self.token = token
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = checkpoint.parent / f"server-{self.port}.log"
 
+    def connect(
+        self, timeout: float = 60, tls: ClientTLS | None = SAME, token: str | None = SAME
+    ) -> LanguageModelClient:
+        """A new client of this server, with its ``tls`` and ``token`` unless given."""
+        return LanguageModelClient(
+            self.target, timeout,
+            tls=self.tls if tls is SAME else tls, token=self.token if token is SAME else token,
+        )  # fmt: skip
+
     def __enter__(self) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+        env.update(self.extra_env)
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [
@@ -61,9 +89,16 @@ class ServerProcess:
             ],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )  # fmt: skip
-        self.client = LanguageModelClient(self.target, timeout=60)
+        self.client = self.connect()
         expected = "SERVING" if self.wait_serving else "NOT_SERVING"
-        wait_until(lambda: self.client.health(timeout=1) == expected, timeout=90)
+        wait_until(
+            lambda: self.proc.poll() is not None or self.client.health(timeout=1) == expected,
+            timeout=90,
+        )
+        if self.proc.poll() is not None:
+            self.client.close()
+            self._log.close()
+            raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log}")
         return self
 
     def __exit__(
