@@ -377,8 +377,8 @@ def start_report(
 
 def train(run: Run, stop: StopSignals) -> str | None:
     """Train from ``run.state`` to ``max_iters``; returns the name of the signal that
-    stopped the run early, or None. Raises DivergedError on a non-finite loss, WriteError when
-    a file cannot be written."""
+    stopped the run early, or None. Raises DivergedError on a non-finite loss and
+    WriteError when a file cannot be written."""
     cfg, state = run.cfg, run.state
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     meter = Throughput(tokens_per_step * run.dist.world_size)
@@ -389,10 +389,10 @@ def train(run: Run, stop: StopSignals) -> str | None:
         lr = cfg.learning_rate_at(state.step)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
+        batches = micro_batches(run)
         loss = train_step(
-            run.train_model, run.optimizer, micro_batches(run), cfg.grad_clip, run.autocast,
-            run.no_sync,
-        )  # fmt: skip
+            run.train_model, run.optimizer, batches, cfg.grad_clip, run.autocast, run.no_sync
+        )
         run.losses.add(loss)
         state.step += 1
         state.tokens_seen += meter.tokens_per_step
