@@ -29,7 +29,7 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def no_settings_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in os.environ:
+    for name in list(os.environ):
         if name.startswith("CHARGPT_"):
             monkeypatch.delenv(name)
 
