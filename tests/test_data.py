@@ -24,6 +24,7 @@ from trainer.data import (
     Corpus,
     DataError,
     EvalWindows,
+    WindowReader,
     decode_chunks,
     fetch_tiny_shakespeare,
     prepare_corpus,
@@ -414,3 +415,24 @@ def test_spread_windows_stay_inside_a_corpus_of_a_billion_characters() -> None:
     assert windows.starts.max() <= len(data) - 33
     x, y = next(iter(windows.batches(batch_size=64)))
     assert x.shape == y.shape == (64, 32)
+
+
+def test_a_large_corpus_is_read_through_a_map_made_anew(
+    tmp_path: Path, small_text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A map keeps resident every page it touched: a whole run through one map of a large
+    # corpus would hold all of it. Every REMAP_AFTER windows the reader maps it afresh.
+    corpus = Corpus.open(prepare_corpus(small_text_file, tmp_path, 8, log=lambda _: None), 8)
+    expected = Corpus.from_text(small_text_file.read_text(), "", 8).train
+    index = torch.arange(100)[:, None] + torch.arange(9)  # 100 windows
+    for keep_bytes, remapped in ((1 << 30, False), (0, True)):
+        monkeypatch.setattr(WindowReader, "KEEP_BYTES", keep_bytes)
+        reader = WindowReader(corpus.train)
+        first = reader.gather(index[:60])
+        map_before = reader._map
+        assert isinstance(map_before, np.memmap) and map_before is not corpus.train
+        second = reader.gather(index[60:])  # within REMAP_AFTER (64) windows: the same map
+        third = reader.gather(index[:10])  # past it: a new map if the corpus is large
+        assert (reader._map is not map_before) == remapped
+        assert torch.equal(torch.cat([first, second]), torch.from_numpy(expected[index.numpy()].astype(np.int64)))
+        assert torch.equal(third, first[:10])
