@@ -434,5 +434,7 @@ def test_a_large_corpus_is_read_through_a_map_made_anew(
         second = reader.gather(index[60:])  # within REMAP_AFTER (64) windows: the same map
         third = reader.gather(index[:10])  # past it: a new map if the corpus is large
         assert (reader._map is not map_before) == remapped
-        assert torch.equal(torch.cat([first, second]), torch.from_numpy(expected[index.numpy()].astype(np.int64)))
+        assert torch.equal(
+            torch.cat([first, second]), torch.from_numpy(expected[index.numpy()].astype(np.int64))
+        )
         assert torch.equal(third, first[:10])
