@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.lecture import PerHeadGPT
@@ -43,7 +44,7 @@ def main() -> None:
     cfg = TrainConfig()
     text, sha = read_text(args.data)
     corpus = Corpus.from_text(text, sha, cfg.block_size)
-    data = corpus.train
+    data = torch.from_numpy(corpus.train.astype(np.int64))
     config = cfg.model_config(corpus.tokenizer.vocab_size)
     generator = torch.Generator().manual_seed(0)
     total = args.warmup + args.steps

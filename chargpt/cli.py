@@ -8,11 +8,17 @@ import json
 import os
 import random
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from chargpt.settings import InputError
 
+if TYPE_CHECKING:
+    import torch
+
+SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit integers, as the server's
 SUBCOMMANDS = {
     "train": "trainer.cli:train",
     "serve": "server.cli:serve",
@@ -67,10 +73,14 @@ def cli() -> None:
 )
 @click.option(
     "--prompt",
-    default="",
-    show_default=True,
-    help="Text to continue. Empty starts from vocabulary entry 0 (a newline for "
-    "Tiny Shakespeare), as the lecture does.",
+    help="Text to continue. Default: empty, which starts from vocabulary entry 0 (a "
+    "newline for Tiny Shakespeare), as the trainer's end-of-run sample does.",
+)
+@click.option(
+    "--prompt-file",
+    type=click.Path(dir_okay=False),
+    help="Continue the text of this UTF-8 file (all of it, a final newline included) "
+    "instead of --prompt.",
 )
 @click.option(
     "--max-new-tokens",
@@ -100,22 +110,46 @@ def cli() -> None:
     show_default=True,
     help="Sample from the smallest set with this much probability.",
 )
-@click.option("--seed", type=int, default=None, help="Random seed (default: random).")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0, max=SEED_LIMIT - 1),
+    default=None,
+    help="Random seed (default: random). Sample i, counting from 0, uses seed + i.",
+)
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Samples to generate from the same prompt. With more than one, each starts on a "
+    "line of its own: '--- sample I of N, seed S ---'.",
+)
+@click.option(
+    "--echo-prompt",
+    is_flag=True,
+    help="Print the prompt before its continuation (default: the generated characters "
+    "only, as the server returns them).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
 def sample(
     checkpoint: str,
-    prompt: str,
+    prompt: str | None,
+    prompt_file: str | None,
     max_new_tokens: int,
     temperature: float,
     top_k: int,
     top_p: float,
     seed: int | None,
+    num_samples: int,
+    echo_prompt: bool,
     device: str,
 ) -> None:
     """Generate offline from a checkpoint; prints only the generated characters.
 
     Uses the reference generation (crop to block_size, full forward per character), so
-    its output is what the server must reproduce.
+    its output is what the server must reproduce: sample i (from 0) equals a server
+    request seeded seed + i (modulo 2**64), and sample 0 is what one sample with that seed
+    prints.
     """
     from chargpt.checkpoint import CheckpointError, load_checkpoint
     from chargpt.model import reference_generate
@@ -123,17 +157,59 @@ def sample(
     from chargpt.sampling import SamplingParams
     from chargpt.tokenizer import UnknownCharactersError, prompt_ids
 
+    if prompt is not None and prompt_file is not None:
+        raise InputError("give --prompt or --prompt-file, not both")
+    text = read_prompt_file(prompt_file) if prompt_file is not None else prompt or ""
     try:
         loaded = load_checkpoint(checkpoint, resolve_device(device))
-        ids = prompt_ids(loaded.tokenizer, prompt)
         params = SamplingParams(temperature, top_k, top_p)
-    except (CheckpointError, UnknownCharactersError, ValueError) as exc:
+    except (CheckpointError, ValueError) as exc:
         raise InputError(f"{exc}") from None
+    not_finite = non_finite_tensors(loaded.model)
+    if not_finite:
+        raise InputError(
+            f"{checkpoint}: the weights hold NaN or infinite values (in "
+            f"{', '.join(not_finite[:3])}{', ...' if len(not_finite) > 3 else ''}); "
+            f"nothing can be sampled from them"
+        )
+    try:
+        ids = prompt_ids(loaded.tokenizer, text)
+    except UnknownCharactersError as exc:
+        source = f"prompt file {prompt_file}" if prompt_file is not None else "prompt"
+        raise InputError(f"{source}: {exc}") from None
     seed = seed if seed is not None else random.getrandbits(63)
-    new = reference_generate(loaded.model, ids, max_new_tokens, params, seed)
-    click.echo(loaded.tokenizer.decode(new), nl=False)
-    if sys.stdout.isatty():
-        click.echo()
+    for i in range(num_samples):
+        sample_seed = (seed + i) % SEED_LIMIT
+        if num_samples > 1:
+            click.echo(f"--- sample {i + 1} of {num_samples}, seed {sample_seed} ---")
+        new = reference_generate(loaded.model, ids, max_new_tokens, params, sample_seed)
+        shown = (text if echo_prompt else "") + loaded.tokenizer.decode(new)
+        click.echo(shown, nl=num_samples > 1 or sys.stdout.isatty())
+
+
+def read_prompt_file(path: str) -> str:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read prompt file {path}: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"prompt file {path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start} is invalid"
+        ) from None
+
+
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """The names of the weights that hold a NaN or an infinity."""
+    import torch
+
+    return [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
 
 
 @click.command()

@@ -46,7 +46,9 @@ class TrainConfig:
     )
     data_dir: str = setting(
         "data",
-        "Where Tiny Shakespeare is downloaded to when --data is not given.",
+        "Where Tiny Shakespeare is downloaded to when --data is not given, and where the "
+        "encoded cache of the text is kept (corpus-<sha256>.bin, reused by every run on "
+        "the same text).",
         type=click.Path(file_okay=False),
     )
     out_dir: str = setting(

@@ -26,7 +26,7 @@ import errno
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +41,14 @@ from chargpt.model import GPT, reference_generate
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
 from chargpt.sampling import SamplingParams
 from trainer.config import NOT_RECORDED, TrainConfig
-from trainer.data import BatchSampler, Corpus, EvalWindows, fetch_tiny_shakespeare, read_text
+from trainer.data import (
+    BatchSampler,
+    Corpus,
+    DataError,
+    EvalWindows,
+    fetch_tiny_shakespeare,
+    prepare_corpus,
+)
 from trainer.distributed import Distributed
 from trainer.errors import DivergedError, RunError, TrainError
 from trainer.metrics import TrainerMetrics
@@ -63,7 +70,7 @@ from trainer.state import (
 
 __all__ = ["RunError", "TrainError", "TrainResult", "run_training"]
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
     files = RunFiles(Path(cfg.out_dir))
     if dist.is_main:
         check_run_dir(files, cfg)
-    corpus = load_corpus(cfg, dist)
+    corpus = load_corpus(cfg, dist, progress)
     resumed = None
     if cfg.resume:
         resumed, cfg = load_resumable(files, cfg, corpus)
@@ -301,17 +308,21 @@ def tidy_run_dir(files: RunFiles, cfg: TrainConfig, resumed: TrainState | None) 
         raise failed_write(exc, files, resumed.step if resumed else None) from None
 
 
-def load_corpus(cfg: TrainConfig, dist: Distributed) -> Corpus:
-    """Read (or, rank 0 first, download) the text and split it."""
-    if cfg.data:
-        path = Path(cfg.data)
-    else:
-        path = Path(cfg.data_dir) / "tinyshakespeare.txt"
-        if dist.is_main:
-            path = fetch_tiny_shakespeare(cfg.data_dir)
-        dist.barrier()
-    text, sha256 = read_text(path)
-    return Corpus.from_text(text, sha256, cfg.block_size)
+def load_corpus(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Corpus:
+    """The text, encoded into its cache in ``--data-dir`` and memory-mapped. Rank 0
+    downloads Tiny Shakespeare if needed and checks or builds the cache while the other
+    ranks wait; each then maps it, or raises rank 0's DataError."""
+    outcome: Path | DataError | None = None
+    if dist.is_main:
+        try:
+            source = Path(cfg.data) if cfg.data else fetch_tiny_shakespeare(cfg.data_dir)
+            outcome = prepare_corpus(source, Path(cfg.data_dir), cfg.block_size, progress.log)
+        except DataError as exc:
+            outcome = exc
+    outcome = dist.gather(outcome)[0]  # rank 0's, once it has one
+    if isinstance(outcome, DataError):
+        raise outcome
+    return Corpus.open(outcome, cfg.block_size)
 
 
 def init_model(
