@@ -43,7 +43,8 @@ from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped
 from chargpt.tokenizer import CharTokenizer
 from trainer.config import TrainConfig
 from trainer.data import BatchSampler, Corpus, EvalWindows, prepare_corpus
-from trainer.train import make_optimizer, train_step
+from trainer.optim import Optimizers
+from trainer.train import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -245,7 +246,7 @@ def tiny_shakespeare(work: Path, path: Path, steps: int, repeats: int = 7) -> No
     samplers["cache"] = cached_setup(path, work / "ts", cfg)  # type: ignore[assignment]
     torch.manual_seed(0)
     model = GPT(cfg.model_config(65))
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = Optimizers(model, cfg, torch.device("cpu"))
     elapsed = dict.fromkeys(samplers, 0.0)
     gathered = dict.fromkeys(samplers, 0.0)
     chunk = 10
@@ -255,7 +256,7 @@ def tiny_shakespeare(work: Path, path: Path, steps: int, repeats: int = 7) -> No
                 t0 = time.perf_counter()
                 x, y = sampler.next_batch()
                 t1 = time.perf_counter()
-                train_step(model, optimizer, x, y, cfg.grad_clip, contextlib.nullcontext())
+                train_step(model, optimizer, [(x, y)], cfg.grad_clip, contextlib.nullcontext())
                 if turn >= 0:
                     gathered[name] += t1 - t0
                     elapsed[name] += time.perf_counter() - t0

@@ -26,7 +26,8 @@ from chargpt.model import GPT
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped
 from trainer.config import TrainConfig
 from trainer.data import Corpus, read_text
-from trainer.train import make_optimizer, train_step
+from trainer.optim import Optimizers
+from trainer.train import train_step
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -57,7 +58,7 @@ def main() -> None:
     lecture_model = PerHeadGPT(config)
     lecture_optimizer = torch.optim.AdamW(lecture_model.parameters(), lr=cfg.learning_rate)
     our_model = GPT(config)
-    our_optimizer = make_optimizer(our_model, cfg, torch.device("cpu"))
+    our_optimizer = Optimizers(our_model, cfg, torch.device("cpu"))
     window = torch.arange(cfg.block_size + 1)
 
     def lecture_step(ix: torch.Tensor) -> None:  # the lecture's get_batch and loop body
@@ -70,8 +71,8 @@ def main() -> None:
 
     def our_step(ix: torch.Tensor) -> None:  # BatchSampler's gather and the trainer's step
         w = data[ix[:, None] + window]
-        train_step(our_model, our_optimizer, w[:, :-1], w[:, 1:], cfg.grad_clip,
-                   contextlib.nullcontext())  # fmt: skip
+        batches = [(w[:, :-1], w[:, 1:])]
+        train_step(our_model, our_optimizer, batches, cfg.grad_clip, contextlib.nullcontext())
 
     for ix in starts[: args.warmup]:
         lecture_step(ix)

@@ -36,11 +36,13 @@ classes can share one command: ``@options(ServerConfig, Limits)``, then
 
 Precedence, highest first: a flag on the command line, the ``--config`` file (TOML or
 JSON, keys named like the flags with ``-`` or ``_``; other extensions are refused), a
-``CHARGPT_*`` environment variable, the default. The file beats the environment on
-purpose: the container image bakes ``CHARGPT_*`` defaults into its environment, and a
-config file mounted into the container must be able to override them without the
-operator unsetting variables the image set. Click reads flags, environment variables and
-defaults itself; ``LayeredCommand`` slots the file in between. Every value in the file is
+``CHARGPT_*`` environment variable, a preset (a table of settings that a command's
+``preset`` setting names: ``LayeredCommand(read_preset=...)``), the default. The file
+beats the environment on purpose: the container image bakes ``CHARGPT_*`` defaults into
+its environment, and a config file mounted into the container must be able to override
+them without the operator unsetting variables the image set. Click reads flags,
+environment variables and defaults itself; ``LayeredCommand`` slots the file (and the
+preset) in between. Every value in the file is
 checked, also one that a flag overrides, and strictly by type: an integer setting takes an
 integer (not 4.7, not true), a number setting a number, a switch true or false, text a
 string.
@@ -282,35 +284,53 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 class LayeredCommand(click.Command):
     """A command whose ``--config`` file fills every setting not given as a flag (it beats
-    the environment: see the module docstring)."""
+    the environment: see the module docstring), and, given ``read_preset``, whose
+    ``preset`` setting names a table of settings that replaces the defaults (and nothing
+    else)."""
+
+    def __init__(
+        self, *args: Any, read_preset: Callable[[str], Mapping[str, Any]] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.read_preset = read_preset
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         rest = super().parse_args(ctx, args)
         config_path = ctx.params.get("config")
         if config_path:
-            self._apply_config(ctx, config_path)
+            replaced = (ParameterSource.DEFAULT, ParameterSource.ENVIRONMENT, None)
+            self._apply(ctx, read_config_file(config_path), f"config file {config_path}", replaced)
+        preset = ctx.params.get("preset")
+        if self.read_preset is not None and preset:
+            replaced = (ParameterSource.DEFAULT, None)
+            self._apply(ctx, self.read_preset(preset), f"preset {preset}", replaced)
         return rest
 
-    def _apply_config(self, ctx: click.Context, config_path: str) -> None:
-        settings = read_config_file(config_path)
+    def _apply(
+        self,
+        ctx: click.Context,
+        settings: Mapping[str, Any],
+        origin: str,
+        replaced: tuple[ParameterSource | None, ...],
+    ) -> None:
+        """Set ``settings`` (from ``origin``) where the value's source is in ``replaced``."""
         params = {p.name: p for p in self.params if p.name and p.name != "config"}
         unknown = sorted(set(settings) - set(params))
         if unknown:
-            raise InputError(f"config file {config_path}: unknown settings {', '.join(unknown)}")
+            raise InputError(f"{origin}: unknown settings {', '.join(unknown)}")
         for name, value in settings.items():
             param = params[name]
             wrong_type = _type_problem(param, value)
             if wrong_type:
-                raise InputError(f"config file {config_path}: {name} {wrong_type}")
+                raise InputError(f"{origin}: {name} {wrong_type}")
             try:
-                value = param.type_cast_value(ctx, value)  # checked even if a flag wins
+                value = param.type_cast_value(ctx, value)  # checked even if overridden
             except click.BadParameter as exc:
                 raise InputError(
-                    f"config file {config_path}: invalid value for {name}: {exc.format_message()}"
+                    f"{origin}: invalid value for {name}: {exc.format_message()}"
                 ) from None
-            source = ctx.get_parameter_source(name)
-            if source in (ParameterSource.DEFAULT, ParameterSource.ENVIRONMENT, None):
-                ctx.params[name] = value  # else a flag on the command line wins
+            if ctx.get_parameter_source(name) in replaced:  # else what overrides it wins
+                ctx.params[name] = value
                 ctx.set_parameter_source(name, ParameterSource.DEFAULT_MAP)
 
 

@@ -16,6 +16,7 @@ from trainer.config import TrainConfig
 from trainer.data import DataError
 from trainer.distributed import Distributed
 from trainer.errors import RunError, TrainError
+from trainer.presets import read_preset
 from trainer.resume import resume_config
 from trainer.train import TrainResult, run_training
 
@@ -28,17 +29,17 @@ class RunFailed(click.ClickException):
         self.exit_code = error.exit_code
 
 
-@click.command(cls=LayeredCommand)
+@click.command(cls=LayeredCommand, read_preset=read_preset)
 @options(TrainConfig)
 @config_option()
 @click.pass_context
 def train(ctx: click.Context, config: str | None, **settings: object) -> int:
     """Train the character-level GPT and publish its checkpoint.
 
-    Every setting can come from a flag, a --config file or a CHARGPT_* environment
-    variable, in that order of precedence. --resume continues the run in --out-dir with
-    its own settings; give only those to change. Data-parallel: torchrun --nproc_per_node
-    N --no-python chargpt train ...
+    Every setting can come from a flag, a --config file, a CHARGPT_* environment
+    variable or a --preset, in that order of precedence. --resume continues the run in
+    --out-dir with its own settings; give only those to change. Data-parallel: torchrun
+    --nproc_per_node N --no-python chargpt train ...
     """
     try:
         if settings["resume"]:
@@ -73,6 +74,8 @@ def report_end(result: TrainResult) -> None:
     if result.late_signal:
         skipped = "; skipped the end-of-run sample" if result.sample_skipped else ""
         click.echo(f"{result.late_signal}: the run is complete (step {result.step}){skipped}")
+    if result.exact_val_loss is not None:
+        click.echo(f"validation loss over the whole split: {result.exact_val_loss:.4f}")
     if result.checkpoint is not None:
         click.echo(f"checkpoint: {result.checkpoint} (best val loss {result.best_val_loss:.4f})")
     else:

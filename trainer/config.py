@@ -14,14 +14,19 @@ import click
 
 from chargpt.model import ACTIVATIONS, NORMS, POSITIONS, GPTConfig
 from chargpt.settings import check_settings, setting
+from trainer.presets import PRESETS
+
+SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 # The settings that are GPTConfig fields (its vocab_size comes from the data), and of those
 # the ones that shape the weights: a resumed run may change its dropout, not these.
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 ARCHITECTURE_FIELDS = tuple(name for name in MODEL_FIELDS if name != "dropout")
 # What --resume takes from the run and refuses to change: the weights' shape, what a step
-# is made of (its batches, drawn from the seeded generator), and the seed.
-RUN_FIELDS = (*ARCHITECTURE_FIELDS, "batch_size", "grad_accum_steps", "seed")
+# is made of (its batches, drawn from the seeded generator), the seed, and the optimizer
+# (whose saved state only it can load).
+RUN_FIELDS = (*ARCHITECTURE_FIELDS, "batch_size", "grad_accum_steps", "seed", "optimizer")
 # Every other setting a resumed run may change, and the change applies from the step it
 # resumes at: the schedule and the optimizer's settings (set on its parameter groups),
 # dropout, evaluation, the length of the run, its name, where and how it runs. Not
@@ -37,6 +42,12 @@ class ConfigError(ValueError):
 class TrainConfig:
     """What a training run can be told; the defaults train the lecture's model its way."""
 
+    preset: str = setting(
+        "lecture",
+        "Named recipe whose settings replace the defaults (flags, --config and CHARGPT_* "
+        "still override them): " + ", ".join(PRESETS) + " (trainer/recipes/*.toml).",
+        choices=PRESETS,
+    )
     # Data and outputs.
     data: str | None = setting(
         None,
@@ -65,8 +76,10 @@ class TrainConfig:
         16, "Sequences per micro-batch, per process (see --grad-accum-steps).", minimum=1
     )
     block_size: int = setting(32, "Context length in characters.", minimum=1)
-    max_iters: int = setting(5000, "Optimizer steps in the whole run.", minimum=1)
-    learning_rate: float = setting(1e-3, "Peak learning rate (AdamW).", above=0)
+    max_iters: int = setting(
+        5000, "Optimizer steps in the whole run (unless --time-budget is set).", minimum=1
+    )
+    learning_rate: float = setting(1e-3, "Peak learning rate of AdamW.", above=0)
     eval_interval: int = setting(
         100, "Evaluate both splits, log and checkpoint every this many steps.", minimum=1
     )
@@ -118,11 +131,39 @@ class TrainConfig:
     )
     lr_schedule: str = setting(
         "cosine",
-        "After linear warmup: cosine decay to --min-lr at --max-iters, or constant.",
-        choices=("cosine", "constant"),
+        "After linear warmup: cosine decay to --min-lr at the end of the run, wsd "
+        "(warmup-stable-decay: the peak until the last --decay-fraction of the run, then "
+        "linear decay to --min-lr), or constant.",
+        choices=SCHEDULES,
     )
-    warmup_iters: int = setting(100, "Steps of linear learning-rate warmup.", minimum=0)
-    min_lr: float = setting(1e-4, "Learning rate at the end of the cosine schedule.", minimum=0)
+    decay_fraction: float = setting(
+        0.3, "With --lr-schedule wsd: the fraction of the run spent decaying.", above=0, maximum=1
+    )
+    warmup_iters: int = setting(
+        100,
+        "Steps of linear learning-rate warmup (steps, also under --time-budget: the "
+        "optimizer's statistics need steps, not seconds).",
+        minimum=0,
+    )
+    min_lr: float = setting(
+        1e-4, "Learning rate at the end of the cosine or wsd schedule.", minimum=0
+    )
+    optimizer: str = setting(
+        "adamw",
+        "adamw for every parameter, or muon: Muon for the blocks' weight matrices, AdamW "
+        "(--learning-rate) for embeddings, head, norms and biases.",
+        choices=OPTIMIZERS,
+    )
+    muon_learning_rate: float = setting(
+        0.02, "Peak learning rate of Muon (with --optimizer muon); same schedule.", above=0
+    )
+    time_budget: float = setting(
+        0.0,
+        "Train for this many seconds of training steps instead of --max-iters steps (0 = "
+        "off). The schedule follows the fraction of the budget spent; evaluation time is "
+        "not counted.",
+        minimum=0,
+    )
     # Evaluation.
     eval_batch_size: int = setting(64, "Windows per forward pass during evaluation.", minimum=1)
     eval_tokens: int = setting(
@@ -179,24 +220,42 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def budgeted(self) -> bool:
+        """Whether the run is as long as --time-budget rather than --max-iters."""
+        return self.time_budget > 0
+
+    def run_progress(self, step: int, train_s: float) -> float:
+        """The fraction of the run done after ``step`` steps and ``train_s`` seconds of
+        training: of the budget's seconds, or of the steps after warmup."""
+        if self.budgeted:
+            return min(1.0, train_s / self.time_budget)
+        return min(1.0, (step - self.warmup_iters) / max(1, self.max_iters - self.warmup_iters))
+
     def warnings(self) -> list[str]:
         """Settings that are allowed but probably not meant."""
-        if self.warmup_iters <= self.max_iters:
+        if self.budgeted or self.warmup_iters <= self.max_iters:
             return []
+        peak = self.learning_rate_at(self.max_iters - 1, 0.0)
         return [
             f"warmup ({self.warmup_iters} steps) is longer than the run ({self.max_iters} "
-            f"steps): the learning rate peaks at {self.learning_rate_at(self.max_iters - 1):.2e}"
-            f", not --learning-rate {self.learning_rate:.2e}; pass --warmup-iters to change it"
+            f"steps): the learning rate peaks at {peak:.2e}, not --learning-rate "
+            f"{self.learning_rate:.2e}; pass --warmup-iters to change it"
         ]
 
-    def learning_rate_at(self, step: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based): linear warmup, then
-        cosine decay to ``min_lr`` at ``max_iters`` (or constant after warmup)."""
+    def learning_rate_at(self, step: int, progress: float) -> float:
+        """AdamW's learning rate for optimizer step ``step`` (0-based) with ``progress``
+        of the run done (``run_progress``): linear warmup over the first ``warmup_iters``
+        steps, then cosine decay to ``min_lr`` at the end of the run, or the peak until
+        the last ``decay_fraction`` and a linear decay to ``min_lr`` (wsd), or constant.
+        Muon's follows the same curve, scaled to its own peak."""
         if step < self.warmup_iters:
             return self.learning_rate * (step + 1) / self.warmup_iters
         if self.lr_schedule == "constant":
             return self.learning_rate
-        progress = min(1.0, (step - self.warmup_iters) / max(1, self.max_iters - self.warmup_iters))
+        if self.lr_schedule == "wsd":
+            left = (1.0 - progress) / self.decay_fraction  # 1 when the decay starts
+            return self.min_lr + min(1.0, left) * (self.learning_rate - self.min_lr)
         return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (
             self.learning_rate - self.min_lr
         )

@@ -68,6 +68,14 @@ class Distributed:
         torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def max(self, value: float, device: torch.device) -> float:
+        """The largest of every rank's ``value`` (every rank must call it)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return float(tensor.item())
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over the ranks, in place (every rank must call it)."""
         if self.enabled:

@@ -1,8 +1,10 @@
-"""The optimizer: AdamW with nanoGPT's parameter groups. Its settings are applied when it
-is made and again after a resumed run loads its state (whose saved parameter groups would
-otherwise win)."""
+"""The optimizer: AdamW with nanoGPT's parameter groups, or Muon for the blocks' weight
+matrices beside AdamW for the rest. Its settings are applied when it is made and again
+after a resumed run loads its state (whose saved parameter groups would otherwise win)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -10,21 +12,65 @@ from chargpt.model import GPT
 from trainer.config import TrainConfig
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (nanoGPT's grouping), fused kernel where
-    PyTorch has one for the device."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
+class Optimizers:
+    """AdamW, with Muon beside it under ``--optimizer muon``: stepped, cleared, scheduled
+    and saved as one. Muon takes the 2-D weight matrices inside the transformer blocks
+    (attention and feed-forward); AdamW takes everything else (embeddings, the head,
+    norms, biases), with weight decay on its matrices only (nanoGPT's grouping)."""
 
+    def __init__(self, model: GPT, cfg: TrainConfig, device: torch.device) -> None:
+        named = dict(model.named_parameters())
+        hidden = {n for n, p in named.items() if p.dim() == 2 and n.startswith("blocks.")}
+        if cfg.optimizer != "muon":
+            hidden = set()
+        rest = [p for n, p in named.items() if n not in hidden]
+        groups = [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device.type in ("cpu", "cuda")
+        self.adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
+        # Muon orthogonalises each matrix's update (Newton-Schulz), scaled by
+        # sqrt(max(1, rows / cols)) ("original"); no weight decay.
+        self.muon = (
+            torch.optim.Muon(
+                [named[n] for n in named if n in hidden],
+                lr=cfg.muon_learning_rate,
+                weight_decay=0.0,
+                adjust_lr_fn="original",
+            )
+            if hidden
+            else None
+        )
+        self.muon_scale = cfg.muon_learning_rate / cfg.learning_rate
 
-def apply_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """Set ``cfg``'s optimizer settings on ``optimizer``'s groups (the learning rate is set
-    at every step from the schedule)."""
-    decay, _ = optimizer.param_groups
-    decay["weight_decay"] = cfg.weight_decay
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"adamw": self.adamw} | ({"muon": self.muon} if self.muon else {})
+
+    def set_learning_rate(self, lr: float) -> None:
+        """AdamW's learning rate ``lr``, and Muon's on the same curve at its own peak."""
+        for group in self.adamw.param_groups:
+            group["lr"] = lr
+        if self.muon is not None:
+            for group in self.muon.param_groups:
+                group["lr"] = lr * self.muon_scale
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, states: dict[str, Any], cfg: TrainConfig) -> None:
+        """The saved states, then ``cfg``'s settings (the saved groups carry the old ones)."""
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(states[name])
+        decay, _ = self.adamw.param_groups
+        decay["weight_decay"] = cfg.weight_decay
+        self.muon_scale = cfg.muon_learning_rate / cfg.learning_rate

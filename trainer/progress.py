@@ -23,25 +23,30 @@ class Progress:
     ten times a second); elsewhere only ``log`` lines are written."""
 
     def __init__(self, total_steps: int, stream: TextIO | None = None) -> None:
-        self.total_steps = total_steps
+        self.total_steps = total_steps  # 0: not known (a run with a time budget)
         self.stream = stream or sys.stdout
         self.interactive = self.stream.isatty()
         self._last_draw = 0.0
         self._drawn = False
 
+    def step_text(self, step: int) -> str:
+        if not self.total_steps:
+            return f"step {step}"
+        return f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"
+
     def status(self, step: int, loss: float, tokens_per_s: float, eta_s: float) -> str:
-        width = len(str(self.total_steps))
         return (
-            f"step {step:>{width}}/{self.total_steps} | loss {loss:.4f} | "
+            f"{self.step_text(step)} | loss {loss:.4f} | "
             f"{format_rate(tokens_per_s)} | ETA {format_duration(eta_s)}"
         )
 
-    def update(self, step: int, loss: float, tokens_per_s: float, eta_s: float) -> None:
+    def update(
+        self, step: int, fraction: float, loss: float, tokens_per_s: float, eta_s: float
+    ) -> None:
         now = time.monotonic()
         if not self.interactive or now - self._last_draw < 0.1:
             return
         self._last_draw = now
-        fraction = step / self.total_steps
         bar = "#" * int(20 * fraction)
         self.stream.write(f"\r[{bar:<20}] {self.status(step, loss, tokens_per_s, eta_s)}\x1b[K")
         self.stream.flush()

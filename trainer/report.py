@@ -46,11 +46,13 @@ class Evaluation:
     step: int
     train_loss: float
     val_loss: float
+    exact_val_loss: float | None  # at the end of the run: over the whole validation split
     improved: bool  # a new best validation loss: model.safetensors was published
     lr: float
     tokens: int
     tokens_per_s: float
     elapsed_s: float
+    train_s: float  # of elapsed_s, in training steps
     eta_s: float
 
     def record(self) -> dict[str, object]:
@@ -59,11 +61,17 @@ class Evaluation:
             "step": self.step,
             "train_loss": round(self.train_loss, 6),
             "val_loss": round(self.val_loss, 6),
+            **(
+                {}
+                if self.exact_val_loss is None
+                else {"exact_val_loss": round(self.exact_val_loss, 6)}
+            ),
             "best": self.improved,
             "lr": self.lr,
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens_per_s, 1),
             "elapsed_s": round(self.elapsed_s, 3),
+            "train_s": round(self.train_s, 3),
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
@@ -92,8 +100,16 @@ class Report:
         if self.enabled:
             self.progress.log(text)
 
-    def step(self, step: int, lr: float, loss: torch.Tensor, meter: Throughput) -> None:
-        """After each optimizer step."""
+    def step(
+        self,
+        step: int,
+        lr: float,
+        loss: torch.Tensor,
+        meter: Throughput,
+        fraction: float,
+        eta_s: float,
+    ) -> None:
+        """After each optimizer step; ``fraction`` of the run done, ``eta_s`` left."""
         if not self.enabled:
             return
         self.metrics.step.set(step)
@@ -102,8 +118,7 @@ class Report:
         if step % self.loss_interval == 0:
             loss_value = loss.item()
             self.metrics.batch_loss.set(loss_value)
-            steps_left = self.progress.total_steps - step
-            self.progress.update(step, loss_value, meter.rate(), meter.eta(steps_left))
+            self.progress.update(step, fraction, loss_value, meter.rate(), eta_s)
 
     def evaluation(self, ev: Evaluation, best_val_loss: float) -> None:
         if not self.enabled:
@@ -112,9 +127,8 @@ class Report:
         self.metrics.loss.labels("train").set(ev.train_loss)
         self.metrics.loss.labels("val").set(ev.val_loss)
         self.metrics.best_val_loss.set(best_val_loss)
-        total = self.progress.total_steps
         self.progress.log(
-            f"step {ev.step:>{len(str(total))}}/{total} | train {ev.train_loss:.4f} | "
+            f"{self.progress.step_text(ev.step)} | train {ev.train_loss:.4f} | "
             f"val {ev.val_loss:.4f}{' *' if ev.improved else '  '} | lr {ev.lr:.2e} | "
             f"{format_rate(ev.tokens_per_s)} | {format_duration(ev.elapsed_s)} elapsed, "
             f"ETA {format_duration(ev.eta_s)}"

@@ -23,7 +23,7 @@ from trainer.config import ARCHITECTURE_FIELDS, NOT_RECORDED, RUN_FIELDS, TrainC
 from trainer.data import BatchSampler, Corpus
 from trainer.distributed import Distributed
 from trainer.errors import TrainError
-from trainer.optim import apply_settings
+from trainer.optim import Optimizers
 from trainer.state import (
     RunFiles,
     StateError,
@@ -114,7 +114,7 @@ def restore(
     state: TrainState,
     cfg: TrainConfig,
     model: GPT,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     sampler: BatchSampler,
     device: torch.device,
     dist: Distributed,
@@ -122,8 +122,7 @@ def restore(
     """Give the model, optimizer, batch sampler and random generators their saved states,
     then apply ``cfg`` from here on; returns (and records) the settings it changes."""
     model.load_state_dict(state.weights)
-    optimizer.load_state_dict(state.optimizers["adamw"])
-    apply_settings(optimizer, cfg)  # the saved parameter groups carry the old settings
+    optimizer.load_state_dict(state.optimizers, cfg)
     sampler.generator.set_state(state.batch_rng)
     restore_rng_states(state, device, dist, cfg.seed)
     state.weights, state.optimizers = {}, {}  # they live in the model and optimizer now

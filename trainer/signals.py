@@ -70,13 +70,13 @@ class StopSignals:
             self._interruptible = False
 
     def check(
-        self, dist: Distributed, device: torch.device, step: int, max_iters: int
+        self, dist: Distributed, device: torch.device, step: int, last: bool
     ) -> signal.Signals | None:
-        """The signal to stop for after ``step``, once every rank knows of it (a rank that
-        received none stops for another's, as for SIGTERM)."""
+        """The signal to stop for after ``step`` (the run's ``last``?), once every rank
+        knows of it (a rank that received none stops for another's, as for SIGTERM)."""
         if not dist.enabled:
             return self.received
-        if step % SYNC_INTERVAL and step != max_iters:
+        if step % SYNC_INTERVAL and not last:
             return None
         if dist.any(self.received is not None, device):
             return self.received or signal.SIGTERM

@@ -52,7 +52,7 @@ from trainer.data import (
 from trainer.distributed import Distributed
 from trainer.errors import DivergedError, RunError, TrainError
 from trainer.metrics import TrainerMetrics
-from trainer.optim import make_optimizer
+from trainer.optim import Optimizers
 from trainer.progress import Progress
 from trainer.report import Evaluation, Report, Throughput
 from trainer.resume import load_resumable, restore
@@ -77,6 +77,7 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 class TrainResult:
     step: int
     best_val_loss: float
+    exact_val_loss: float | None  # the last evaluation's, over the whole validation split
     checkpoint: Path | None  # model.safetensors, when the run has published one
     stopped_by: str | None  # signal name when the run was interrupted
     sample: str = ""
@@ -92,7 +93,7 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
     new_dirs = removed_if_unused(Path(cfg.out_dir), Path(cfg.data_dir), enabled=dist.is_main)
     try:
         with dist.process_group(cfg.device), new_dirs:
-            run = setup(cfg, dist, progress or Progress(cfg.max_iters))
+            run = setup(cfg, dist, progress or Progress(0 if cfg.budgeted else cfg.max_iters))
             stop.install()
             try:
                 stopped_by = train(run, stop)
@@ -109,7 +110,9 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
 def finish(run: Run, stopped_by: str | None, stop: StopSignals) -> TrainResult:
     """The run's result, with rank 0's end-of-run sample unless a signal cuts it short."""
     published = run.files.model if run.files.model.exists() else None
-    result = TrainResult(run.state.step, run.state.best_val_loss, published, stopped_by)
+    result = TrainResult(
+        run.state.step, run.state.best_val_loss, run.exact_val_loss, published, stopped_by
+    )
     if run.dist.is_main and stopped_by is None and published and run.cfg.sample_length:
         try:
             with stop.interruptible():
@@ -181,13 +184,14 @@ class Run:
     model: GPT  # the weights: evaluated and saved
     train_model: torch.nn.Module  # the same weights as trained: under DDP and/or compiled
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]]  # DDP's, for micro-batches
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizers
     sampler: BatchSampler
     eval_batches: dict[str, Batches]  # by split, this rank's share
     state: TrainState
     report: Report
     losses: LossWatch
     saved_step: int | None  # the step of the last checkpoint that landed (resume.pt)
+    exact_val_loss: float | None = None  # over the whole split, at the end of the run
 
 
 def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
@@ -327,12 +331,12 @@ def load_corpus(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Corp
 
 def init_model(
     cfg: TrainConfig, corpus: Corpus, device: torch.device, dist: Distributed
-) -> tuple[GPT, torch.optim.AdamW, BatchSampler]:
+) -> tuple[GPT, Optimizers, BatchSampler]:
     """A new model, its optimizer and the batch sampler: the same initial weights and
     batches on every rank, different dropout masks."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config(corpus.tokenizer.vocab_size)).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = Optimizers(model, cfg, device)
     sampler = BatchSampler(  # one draw per optimizer step: every micro-batch's windows
         corpus.train,
         cfg.block_size,
@@ -346,15 +350,19 @@ def init_model(
 
 
 def eval_batches(cfg: TrainConfig, corpus: Corpus, dist: Distributed) -> dict[str, Batches]:
-    """Fixed windows, this rank's share: the whole validation split (or ``eval_tokens``
-    of it, evenly spread) and a train sample of the same size."""
-    val = EvalWindows.covering(corpus.val, cfg.block_size)
-    if cfg.eval_tokens:
-        val = EvalWindows.spread(corpus.val, cfg.block_size, cfg.eval_tokens)
+    """Fixed windows, this rank's share: the whole validation split (``exact_val``, for
+    the last evaluation), ``eval_tokens`` of it evenly spread (``val``, or the whole split
+    again), and a train sample of the same size."""
+    exact = EvalWindows.covering(corpus.val, cfg.block_size)
+    val = (
+        EvalWindows.spread(corpus.val, cfg.block_size, cfg.eval_tokens)
+        if cfg.eval_tokens
+        else exact
+    )
     train = EvalWindows.spread(corpus.train, cfg.block_size, val.num_targets)
     return {
         split: windows.batches(cfg.eval_batch_size, dist.rank, dist.world_size)
-        for split, windows in (("train", train), ("val", val))
+        for split, windows in (("train", train), ("val", val), ("exact_val", exact))
     }
 
 
@@ -387,19 +395,20 @@ def start_report(
 
 
 def train(run: Run, stop: StopSignals) -> str | None:
-    """Train from ``run.state`` to ``max_iters``; returns the name of the signal that
-    stopped the run early, or None. Raises DivergedError on a non-finite loss and
-    WriteError when a file cannot be written."""
+    """Train from ``run.state`` to the end of the run (``max_iters`` steps or
+    ``time_budget`` seconds of training); returns the name of the signal that stopped the
+    run early, or None. Raises DivergedError on a non-finite loss and WriteError when a
+    file cannot be written."""
     cfg, state = run.cfg, run.state
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     meter = Throughput(tokens_per_step * run.dist.world_size)
+    length = RunLength(cfg, run.dist, run.device, run.losses.interval, state)
     started = time.monotonic() - state.elapsed_s
     run.model.train()
-    while state.step < cfg.max_iters:
+    while not length.done:
         step_started = time.monotonic()
-        lr = cfg.learning_rate_at(state.step)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        lr = cfg.learning_rate_at(state.step, length.progress)
+        run.optimizer.set_learning_rate(lr)
         batches = micro_batches(run)
         loss = train_step(
             run.train_model, run.optimizer, batches, cfg.grad_clip, run.autocast, run.no_sync
@@ -409,17 +418,18 @@ def train(run: Run, stop: StopSignals) -> str | None:
         state.tokens_seen += meter.tokens_per_step
         state.elapsed_s = time.monotonic() - started
         meter.step()
-        run.report.step(state.step, lr, loss, meter)
         state.train_s += time.monotonic() - step_started
+        length.update(state)
+        run.report.step(state.step, lr, loss, meter, length.fraction, length.eta(meter))
 
-        evaluated = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
+        evaluated = state.step % cfg.eval_interval == 0 or length.done
         if evaluated or state.step % run.losses.interval == 0:
             check_losses(run)
         if evaluated:
-            evaluate_and_checkpoint(run, lr, meter, started)
+            evaluate_and_checkpoint(run, lr, length, meter, started)
             meter.restart()
 
-        received = stop.check(run.dist, run.device, state.step, cfg.max_iters)
+        received = stop.check(run.dist, run.device, state.step, last=length.done)
         if received is not None:
             if not evaluated:
                 check_losses(run)
@@ -429,6 +439,55 @@ def train(run: Run, stop: StopSignals) -> str | None:
             )
             return received.name
     return None
+
+
+class RunLength:
+    """How much of the run is done, the same on every rank: ``max_iters`` steps, or
+    ``time_budget`` seconds of training steps (evaluating and saving do not count). Under
+    a budget the ranks agree on the seconds spent (the slowest rank's) every ``interval``
+    steps, an all-reduce that waits for the device; in between the fraction stands."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dist: Distributed,
+        device: torch.device,
+        interval: int,
+        state: TrainState,
+    ) -> None:
+        self.cfg, self.dist, self.device, self.interval = cfg, dist, device, interval
+        self.step, self.train_s = state.step, self.agreed(state)
+
+    def agreed(self, state: TrainState) -> float:
+        return self.dist.max(state.train_s, self.device) if self.cfg.budgeted else 0.0
+
+    def update(self, state: TrainState) -> None:
+        """After each step."""
+        self.step = state.step
+        if state.step % self.interval == 0:
+            self.train_s = self.agreed(state)
+
+    @property
+    def progress(self) -> float:
+        """The schedule's: the fraction of the budget, or of the steps after warmup."""
+        return self.cfg.run_progress(self.step, self.train_s)
+
+    @property
+    def fraction(self) -> float:
+        """Of the whole run."""
+        if self.cfg.budgeted:
+            return min(1.0, self.train_s / self.cfg.time_budget)
+        return min(1.0, self.step / self.cfg.max_iters)
+
+    @property
+    def done(self) -> bool:
+        return self.fraction >= 1.0
+
+    def eta(self, meter: Throughput) -> float:
+        """Seconds of training left."""
+        if self.cfg.budgeted:
+            return max(0.0, self.cfg.time_budget - self.train_s)
+        return meter.eta(self.cfg.max_iters - self.step)
 
 
 def micro_batches(run: Run) -> Batches:
@@ -443,7 +502,7 @@ def micro_batches(run: Run) -> Batches:
 
 def train_step(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     batches: Batches,
     grad_clip: float,
     autocast: contextlib.AbstractContextManager[Any],
@@ -453,7 +512,7 @@ def train_step(
     loss weighs 1/len(batches), so N micro-batches of B step like one batch of N*B. Under
     DDP, ``no_sync`` holds the gradients' all-reduce back until the last micro-batch.
     Returns the batch loss (not synchronised)."""
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     losses = []
     for i, (x, y) in enumerate(batches):
         with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
@@ -496,36 +555,44 @@ def diverged(run: Run, what: str) -> DivergedError:
     )
 
 
-def evaluate_and_checkpoint(run: Run, lr: float, meter: Throughput, started: float) -> None:
-    """Evaluate both splits, then write, in this order: ``model.safetensors`` on a new
-    best validation loss, the log line, the checkpoint (``save_latest``). ``started``:
-    when the run's elapsed time was 0."""
+def evaluate_and_checkpoint(
+    run: Run, lr: float, length: RunLength, meter: Throughput, started: float
+) -> None:
+    """Evaluate both splits (the last time, the whole validation split), then write, in
+    this order: ``model.safetensors`` on a new best validation loss, the log line, the
+    checkpoint (``save_latest``). ``started``: when the run's elapsed time was 0."""
     state = run.state
-    rate, eta = meter.rate(), meter.eta(run.cfg.max_iters - state.step)
+    rate, eta = meter.rate(), length.eta(meter)
     train_loss = evaluate(run, run.eval_batches["train"])
     val_loss = evaluate(run, run.eval_batches["val"])
-    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+    if length.done:  # the whole split, also when evaluations sample it (--eval-tokens)
+        run.exact_val_loss = val_loss
+        if run.cfg.eval_tokens:
+            run.exact_val_loss = evaluate(run, run.eval_batches["exact_val"])
+    if not all(map(math.isfinite, (train_loss, val_loss, run.exact_val_loss or 0.0))):
         raise diverged(run, f"the evaluation loss is {val_loss} at step {state.step}")
-    improved = val_loss < state.best_val_loss
+    improved = val_loss < state.best_val_loss  # always compared with its own kind
     if improved:
         state.best_val_loss = val_loss
         if run.dist.is_main:
-            publish_weights(run, run.files.model, train_loss, val_loss)
+            publish_weights(run, run.files.model, train_loss, run.exact_val_loss or val_loss)
             run.report.published("best")
     state.elapsed_s = time.monotonic() - started
     evaluation = Evaluation(
         step=state.step,
         train_loss=train_loss,
         val_loss=val_loss,
+        exact_val_loss=run.exact_val_loss,
         improved=improved,
         lr=lr,
         tokens=state.tokens_seen,
         tokens_per_s=rate,
         elapsed_s=state.elapsed_s,
+        train_s=state.train_s,
         eta_s=eta,
     )
     run.report.evaluation(evaluation, state.best_val_loss)
-    save_latest(run, train_loss, val_loss)
+    save_latest(run, train_loss, run.exact_val_loss or val_loss)
 
 
 @torch.inference_mode()
@@ -556,7 +623,7 @@ def save_latest(run: Run, train_loss: float | None, val_loss: float | None) -> N
     require_finite_weights(run)
     state = run.state
     state.weights = run.model.state_dict()
-    state.optimizers = {"adamw": run.optimizer.state_dict()}
+    state.optimizers = run.optimizer.state_dict()
     state.batch_rng = run.sampler.generator.get_state()
     state.torch_rng, state.cuda_rng = torch_rng, cuda_rng
     try:
