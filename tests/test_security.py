@@ -362,8 +362,7 @@ def refusal(case: str, pki: PKI, tmp_path: Path) -> tuple[list[str], str]:
         return ["--auth-token-file", str(empty)], f"token file {empty} holds no token"
     assert case == "token file that is a directory"
     return (["--auth-token-file", str(tmp_path)],
-            "Invalid value for '--auth-token-file' (env var: 'CHARGPT_AUTH_TOKEN_FILE'): "
-            f"File '{tmp_path}' is a directory.")  # fmt: skip
+            f"Invalid value for '--auth-token-file': File '{tmp_path}' is a directory.")  # fmt: skip
 
 
 @pytest.mark.parametrize(

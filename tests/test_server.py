@@ -334,10 +334,13 @@ def test_overload_is_refused_at_once(checkpoint: Path) -> None:
     with ServerProcess(checkpoint, *limits) as server:
         # Two long streams, each read by a thread of its own (a stream nobody reads backs
         # up the HTTP/2 connection it shares, which once held back the other call).
-        streams = [server.client.generate("ROMEO:", max_new_tokens=100_000) for _ in range(2)]
-        for stream in streams:
-            threading.Thread(target=drain, args=(stream,), daemon=True).start()
-        wait_until(lambda: server.metric("chargpt_waiting_requests") == 1, timeout=30)
+        # One at a time: the second, sent before the engine admits the first, would find
+        # the one waiting place taken.
+        streams = []
+        for gauge in ("chargpt_running_requests", "chargpt_waiting_requests"):
+            streams.append(server.client.generate("ROMEO:", max_new_tokens=100_000))
+            threading.Thread(target=drain, args=(streams[-1],), daemon=True).start()
+            wait_until(lambda gauge=gauge: server.metric(gauge) == 1, timeout=60)
         assert server.metric("chargpt_running_requests") == 1
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
