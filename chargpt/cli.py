@@ -43,19 +43,22 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
 
-def calm_openmp() -> None:
-    """Make torch's OpenMP threads sleep at a barrier instead of spinning, unless the user
-    chose a policy. Must run before torch is imported (libgomp reads it when it loads).
+def calm_openmp(argv: list[str]) -> None:
+    """For ``chargpt serve``: make torch's OpenMP threads sleep at a barrier instead of
+    spinning, unless the user chose a policy. Must run before torch is imported (libgomp
+    reads it when it loads).
 
-    With libgomp's default, a thread that reaches a barrier spins; on a small machine
-    shared with other busy processes (the gRPC loop and the clients beside a server, a
-    test suite, a container engine) the thread it waits for may not run until the spinner's
-    time slice ends, so every parallel region costs a time slice: measured on the 2-core
-    machine under load, a batch-64 forward took 486 ms instead of 59 ms, and 400 greedy
-    characters of a windowed model 123 s instead of 2.5 s. Sleeping waiters cost a few
-    microseconds per region when the machine is idle.
+    With libgomp's default, a thread that reaches a barrier spins; the server shares its
+    cores with its own gRPC and event-loop threads (and, on a small machine, its clients),
+    and the thread a spinner waits for may not run until the spinner's time slice ends, so
+    a parallel region can cost a time slice: measured on the 2-core machine under load, a
+    batch-64 forward took 486 ms instead of 59 ms, and 400 greedy characters of a windowed
+    model 123 s instead of 2.5 s. The trainer keeps the default: it has the machine to
+    itself, and sleeping waiters cost it dearly (nanoGPT's CPU shape on the idle 2-core
+    machine: 12.9k tokens/s passive against 22.5k spinning).
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if argv[:1] == ["serve"]:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -266,7 +269,8 @@ def _is_zip(path: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors (exit 2 for bad input), the command's exit code otherwise;
     a bare ``chargpt`` prints its usage and exits 0."""
-    calm_openmp()
+    argv = sys.argv[1:] if argv is None else argv
+    calm_openmp(argv)
     try:
         code = cli.main(args=argv, prog_name="chargpt", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:
