@@ -1,6 +1,7 @@
 """The CPU presets against nanoGPT's CPU recipe shape, for the same training time.
 
     python -m bench.speedrun [--preset cpu-100s] [--seeds 1337 1338 1339] [--data FILE]
+                             [--baseline-seeds N]
 
 For each seed, in turns: ``chargpt train --preset P --seed S`` and, with the same time
 budget and seed, nanoGPT's CPU recipe shape (its README's "shakespeare_char on a
@@ -87,7 +88,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "CHARGPT_TINY_SHAKESPEARE", DEFAULT_DATA)))  # fmt: skip
-    parser.add_argument("--no-baseline", action="store_true", help="the presets alone")
+    parser.add_argument(
+        "--baseline-seeds", type=int, default=None,
+        help="run the baseline with only the first N seeds (default: all; 0: none)",
+    )  # fmt: skip
     args = parser.parse_args()
     presets = CPU_PRESETS if args.preset == "all" else (args.preset,)
 
@@ -96,7 +100,7 @@ def main() -> None:
         for preset in presets:
             budget = read_preset(preset)["time_budget"]
             recipes = {preset: [f"--preset={preset}"]}
-            if not args.no_baseline:  # same budget, same evaluation sample, same seed
+            if args.baseline_seeds != 0:  # same budget, same evaluation sample, same seed
                 eval_tokens = read_preset(preset).get("eval_tokens", 0)
                 recipes["nanoGPT-cpu"] = [
                     *NANOGPT_CPU, f"--time-budget={budget}", f"--eval-tokens={eval_tokens}",
@@ -104,8 +108,11 @@ def main() -> None:
                 ]  # fmt: skip
             print(f"{preset}: {budget:.0f} s of training, seeds {args.seeds}", flush=True)
             results: dict[str, list[Result]] = {name: [] for name in recipes}
+            baseline_seeds = args.seeds[: args.baseline_seeds]
             for seed in args.seeds:
                 for name, recipe_args in recipes.items():
+                    if name == "nanoGPT-cpu" and seed not in baseline_seeds:
+                        continue
                     r = train(name, recipe_args, seed, args.data, work)
                     results[name].append(r)
                     print(
