@@ -54,6 +54,7 @@ def test_a_time_budget_ends_the_run_by_training_time(
     info = load_checkpoint(out / "model.safetensors").info
     assert round(info.val_loss, 6) == last["exact_val_loss"]
     assert info.step == last["step"] and info.training["time_budget"] == 1.5
+    assert info.training["train_s"] == last["train_s"]
 
 
 def test_the_schedule_follows_the_fraction_of_the_budget_spent(

@@ -20,9 +20,11 @@ class Optimizers:
 
     def __init__(self, model: GPT, cfg: TrainConfig, device: torch.device) -> None:
         named = dict(model.named_parameters())
-        hidden = {n for n, p in named.items() if p.dim() == 2 and n.startswith("blocks.")}
-        if cfg.optimizer != "muon":
-            hidden = set()
+        hidden = {
+            name
+            for name, p in named.items()
+            if cfg.optimizer == "muon" and p.dim() == 2 and name.startswith("blocks.")
+        }
         rest = [p for n, p in named.items() if n not in hidden]
         groups = [
             {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},

@@ -1,8 +1,9 @@
 """The training loop: one process, or one of several under ``torchrun`` (DDP).
 
 ``run_training`` sets a run up (``setup``: device and precision, the run directory, the
-corpus, the model and optimizer, the state to resume), then ``train`` runs the loop, which
-every ``eval_interval`` steps calls ``evaluate_and_checkpoint``.
+corpus, the model and optimizer, the state to resume), then ``train`` runs the loop for
+``max_iters`` steps or ``time_budget`` seconds of training (``RunLength``), calling
+``evaluate_and_checkpoint`` every ``eval_interval`` steps and at the end.
 
 What a run writes to ``out_dir`` (rank 0 only; ``trainer/state.py``), in this order at
 each evaluation:
@@ -662,5 +663,9 @@ def describe(run: Run, train_loss: float | None, val_loss: float | None) -> Chec
         dataset_sha256=run.corpus.sha256,
         run_name=run.state.run_name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        training={**training, "world_size": run.dist.world_size},
+        training={
+            **training,
+            "world_size": run.dist.world_size,
+            "train_s": round(run.state.train_s, 3),  # seconds of training steps so far
+        },
     )
