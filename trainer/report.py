@@ -46,7 +46,7 @@ class Evaluation:
     step: int
     train_loss: float
     val_loss: float
-    exact_val_loss: float | None  # at the end of the run: over the whole validation split
+    exact_val_loss: float | None  # at the end of a budgeted run: the whole validation split
     improved: bool  # a new best validation loss: model.safetensors was published
     lr: float
     tokens: int

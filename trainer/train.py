@@ -351,19 +351,18 @@ def init_model(
 
 
 def eval_batches(cfg: TrainConfig, corpus: Corpus, dist: Distributed) -> dict[str, Batches]:
-    """Fixed windows, this rank's share: the whole validation split (``exact_val``, for
-    the last evaluation), ``eval_tokens`` of it evenly spread (``val``, or the whole split
-    again), and a train sample of the same size."""
-    exact = EvalWindows.covering(corpus.val, cfg.block_size)
-    val = (
-        EvalWindows.spread(corpus.val, cfg.block_size, cfg.eval_tokens)
-        if cfg.eval_tokens
-        else exact
-    )
-    train = EvalWindows.spread(corpus.train, cfg.block_size, val.num_targets)
+    """Fixed windows, this rank's share: the whole validation split, or ``eval_tokens`` of
+    it evenly spread (then, for the end of a budgeted run, the whole split as
+    ``exact_val``), and a train sample of the same size."""
+    windows = {"val": EvalWindows.covering(corpus.val, cfg.block_size)}
+    if cfg.eval_tokens:
+        if cfg.budgeted:
+            windows["exact_val"] = windows["val"]
+        windows["val"] = EvalWindows.spread(corpus.val, cfg.block_size, cfg.eval_tokens)
+    windows["train"] = EvalWindows.spread(corpus.train, cfg.block_size, windows["val"].num_targets)
     return {
-        split: windows.batches(cfg.eval_batch_size, dist.rank, dist.world_size)
-        for split, windows in (("train", train), ("val", val), ("exact_val", exact))
+        split: w.batches(cfg.eval_batch_size, dist.rank, dist.world_size)
+        for split, w in windows.items()
     }
 
 
@@ -559,14 +558,15 @@ def diverged(run: Run, what: str) -> DivergedError:
 def evaluate_and_checkpoint(
     run: Run, lr: float, length: RunLength, meter: Throughput, started: float
 ) -> None:
-    """Evaluate both splits (the last time, the whole validation split), then write, in
-    this order: ``model.safetensors`` on a new best validation loss, the log line, the
-    checkpoint (``save_latest``). ``started``: when the run's elapsed time was 0."""
+    """Evaluate both splits (at the end of a budgeted run, the whole validation split
+    too), then write, in this order: ``model.safetensors`` on a new best validation loss,
+    the log line, the checkpoint (``save_latest``). ``started``: when the run's elapsed
+    time was 0."""
     state = run.state
     rate, eta = meter.rate(), length.eta(meter)
     train_loss = evaluate(run, run.eval_batches["train"])
     val_loss = evaluate(run, run.eval_batches["val"])
-    if length.done:  # the whole split, also when evaluations sample it (--eval-tokens)
+    if length.done and run.cfg.budgeted:  # ends on the whole split, even if --eval-tokens
         run.exact_val_loss = val_loss
         if run.cfg.eval_tokens:
             run.exact_val_loss = evaluate(run, run.eval_batches["exact_val"])
