@@ -4,8 +4,6 @@ presets."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +15,7 @@ import trainer.train
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
 from chargpt.model import GPT
 from tests.test_train_guards import TINY, chargpt, files_of, no_settings_in_the_environment
+from tests.test_train_resume import sigterm_after_step
 from trainer.config import TrainConfig
 from trainer.optim import Optimizers
 from trainer.presets import PRESETS, read_preset
@@ -143,18 +142,7 @@ def test_resume_with_muon_is_exact(
     muon = ["--optimizer=muon", "--muon-learning-rate=0.05", "--lr-schedule=wsd", "--max-iters=8"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(capsys, small_text_file, straight, *muon)
-    steps = 0
-    real_step = trainer.train.train_step
-
-    def sigterm_after_step_3(*args: Any) -> torch.Tensor:
-        nonlocal steps
-        loss = real_step(*args)
-        steps += 1
-        if steps == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler: stop after this step
-        return loss
-
-    monkeypatch.setattr(trainer.train, "train_step", sigterm_after_step_3)
+    sigterm_after_step(monkeypatch, 3)
     train(capsys, small_text_file, stopped, *muon)
     monkeypatch.undo()
     assert load_checkpoint(stopped / "latest.safetensors").info.step == 3

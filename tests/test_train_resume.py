@@ -149,24 +149,30 @@ def test_two_micro_batches_train_like_one_batch_twice_as_large(
     ]
 
 
+def sigterm_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The next run in this process gets SIGTERM (its own handler: stop after this step)
+    right after optimizer step ``step``; ``monkeypatch.undo()`` ends it."""
+    steps = 0
+    train_step = trainer.train.train_step
+
+    def train_step_then_signal(*args: Any) -> torch.Tensor:
+        nonlocal steps
+        loss = train_step(*args)
+        steps += 1
+        if steps == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(trainer.train, "train_step", train_step_then_signal)
+
+
 def test_a_run_with_micro_batches_stopped_mid_run_resumes_exactly(
     small_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = {"batch_size": 4, "grad_accum_steps": 2, "dropout": 0.1}
     train_in_process(small_text_file, tmp_path / "straight", **settings)
 
-    steps = 0
-    train_step = trainer.train.train_step
-
-    def sigterm_after_step_3(*args: Any) -> torch.Tensor:
-        nonlocal steps
-        loss = train_step(*args)
-        steps += 1
-        if steps == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler: stop after this step
-        return loss
-
-    monkeypatch.setattr(trainer.train, "train_step", sigterm_after_step_3)
+    sigterm_after_step(monkeypatch, 3)
     train_in_process(small_text_file, tmp_path / "stopped", **settings)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "stopped" / "latest.safetensors").info.step == 3
