@@ -85,10 +85,18 @@ def reference_rates(checkpoint: Path, chars: int) -> tuple[float, float]:
 
 
 async def one_stream(
-    stub: pb_grpc.LanguageModelStub, chars: int, seed: int, temperature: float = 1.0
+    stub: pb_grpc.LanguageModelStub,
+    chars: int,
+    seed: int,
+    temperature: float = 1.0,
+    per_message: int = 1,
 ) -> dict[str, object]:
     request = pb.GenerateRequest(
-        prompt="ROMEO:", max_new_tokens=chars, seed=seed, temperature=temperature
+        prompt="ROMEO:",
+        max_new_tokens=chars,
+        seed=seed,
+        temperature=temperature,
+        characters_per_message=per_message,
     )
     sent = time.perf_counter()
     arrivals: list[float] = []
@@ -99,7 +107,9 @@ async def one_stream(
     return {"ttft": arrivals[0] - sent, "gaps": [b - a for a, b in itertools.pairwise(arrivals)]}
 
 
-async def drive(target: str, streams: int, chars: int, rounds: int) -> dict[str, float]:
+async def drive(
+    target: str, streams: int, chars: int, rounds: int, per_message: int = 1
+) -> dict[str, float]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.LanguageModelStub(channel)
         await one_stream(stub, 16, 0)  # warm up the connection and the server
@@ -107,7 +117,10 @@ async def drive(target: str, streams: int, chars: int, rounds: int) -> dict[str,
         started = time.perf_counter()
         for r in range(rounds):
             batch = await asyncio.gather(
-                *(one_stream(stub, chars, 1000 * r + i) for i in range(streams))
+                *(
+                    one_stream(stub, chars, 1000 * r + i, per_message=per_message)
+                    for i in range(streams)
+                )
             )
             results.extend(batch)
         wall = time.perf_counter() - started
@@ -190,6 +203,12 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("CHARGPT_TINY_SHAKESPEARE", DEFAULT_DATA))
     parser.add_argument("--streams", default="1,8,64")
     parser.add_argument("--chars", type=int, default=256)
+    parser.add_argument(
+        "--chars-per-message",
+        type=int,
+        default=1,
+        help="characters_per_message of each stream (1: every character its own message)",
+    )
     parser.add_argument("--score-chars", type=int, default=16_384)
     parser.add_argument(
         "--server-arg",
@@ -215,7 +234,9 @@ def main() -> None:
             try:
                 for streams in (int(s) for s in args.streams.split(",")):
                     rounds = 4 if streams == 1 else 2 if streams <= 8 else 1
-                    r = asyncio.run(drive(server.target, streams, args.chars, rounds))
+                    r = asyncio.run(
+                        drive(server.target, streams, args.chars, rounds, args.chars_per_message)
+                    )
                     print(
                         f"{name:>9} {streams:>7} {r['chars_per_s']:>9.0f} "
                         f"{r['chars_per_s'] / lecture_ref:>9.1f} "

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -165,8 +165,9 @@ class KVCache(Protocol):
         ...
 
     @property
-    def key_positions(self) -> torch.Tensor:
-        """(B, S) position of each key ``update`` returns; -1 for an empty entry."""
+    def key_positions(self) -> torch.Tensor | None:
+        """(B, S) position of each key ``update`` returns, -1 for an empty entry; or None
+        when every new position sees every key (one new position, a full window)."""
         ...
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -176,7 +177,7 @@ class KVCache(Protocol):
 
 
 class Norm(nn.Module):
-    """LayerNorm (bias optional) or RMSNorm, called functionally by the blocks."""
+    """LayerNorm (bias optional) or RMSNorm."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -184,21 +185,45 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(config.n_embd))
         use_bias = config.bias and not self.rms
         self.bias = nn.Parameter(torch.zeros(config.n_embd)) if use_bias else None
-        self.shape = (config.n_embd,)
-        self.eps = 1e-5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rms:
-            return F.rms_norm(x, self.shape, self.weight, self.eps)
-        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        return _norm(x, self.weight, self.bias, self.rms)
+
+
+def _norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rms: bool
+) -> torch.Tensor:
+    if rms:
+        return F.rms_norm(x, weight.shape, weight, 1e-5)
+    return F.layer_norm(x, weight.shape, weight, bias, 1e-5)
+
+
+class BlockWeights(NamedTuple):
+    """The tensors a block's ``forward`` reads: its parameters themselves."""
+
+    ln1_weight: torch.Tensor
+    ln1_bias: torch.Tensor | None
+    qkv: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor | None
+    ln2_weight: torch.Tensor
+    ln2_bias: torch.Tensor | None
+    fc_weight: torch.Tensor
+    fc_bias: torch.Tensor | None
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
 
 
 class Block(nn.Module):
     """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
     Its parameters live in small containers whose names make the checkpoint's tensor
-    names; ``forward`` calls the functional ops on them directly, which keeps the
-    per-module call overhead out of batch-1 decoding (a fifth of a decode step once).
+    names; ``forward`` calls the functional ops on them, bound once in ``weights``:
+    looking each up through the module tree on every call (``self.attn.qkv.weight`` is
+    three ``nn.Module.__getattr__`` calls), with a module call per norm, was a sixth of a
+    batch-1 decode step. The binding holds the parameters themselves, which training
+    updates and ``load_state_dict`` copies into in place; ``.to()`` and a load that assigns
+    new tensors rebind it.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -216,6 +241,26 @@ class Block(nn.Module):
                 "proj": nn.Linear(4 * C, C, bias=config.bias),
             }
         )
+        self._bind()
+        self.register_load_state_dict_post_hook(Block._rebind)
+
+    def _bind(self) -> None:
+        attn, ffwd = self.attn, self.ffwd
+        self.weights = BlockWeights(
+            self.ln1.weight, self.ln1.bias, attn.qkv.weight, attn.proj.weight, attn.proj.bias,
+            self.ln2.weight, self.ln2.bias, ffwd.fc.weight, ffwd.fc.bias,
+            ffwd.proj.weight, ffwd.proj.bias,
+        )  # fmt: skip
+
+    @staticmethod
+    def _rebind(module: nn.Module, incompatible_keys: object) -> None:
+        assert isinstance(module, Block)
+        module._bind()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Block:
+        super()._apply(fn, recurse)
+        self._bind()
+        return self
 
     def forward(
         self,
@@ -230,14 +275,17 @@ class Block(nn.Module):
         for plain causal attention. ``last_only``: only the last position's output is
         needed; the block returns (B, 1, C) (its keys and values still come from every
         position)."""
-        c, training = self.config, self.training
+        c, w, training = self.config, self.weights, self.training
+        rms = c.norm == "rmsnorm"
         B, T, C = x.shape
-        qkv = F.linear(self.ln1(x), self.attn.qkv.weight).view(B, T, 3, c.n_head, c.head_size)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hs)
+        qkv = F.linear(_norm(x, w.ln1_weight, w.ln1_bias, rms), w.qkv)
+        qkv = qkv.view(B, T, 3, c.n_head, c.head_size).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
+        qk, v = qkv[:2], qkv[2]  # queries and keys are normalised and rotated together
         if c.qk_norm:
-            q, k = F.rms_norm(q, (c.head_size,)), F.rms_norm(k, (c.head_size,))
+            qk = F.rms_norm(qk, (c.head_size,))
         if rotary is not None:
-            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
+            qk = _rotate(qk, *rotary)
+        q, k = qk.unbind(0)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         if last_only:
@@ -248,10 +296,10 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1
         )
-        y = F.linear(y.transpose(1, 2).reshape(B, T, C), self.attn.proj.weight, self.attn.proj.bias)
+        y = F.linear(y.transpose(1, 2).reshape(B, T, C), w.proj_weight, w.proj_bias)
         x = x + (F.dropout(y, dropout, training) if dropout else y)
-        h = F.linear(self.ln2(x), self.ffwd.fc.weight, self.ffwd.fc.bias)
-        h = F.linear(_activate(h, c.activation), self.ffwd.proj.weight, self.ffwd.proj.bias)
+        h = F.linear(_norm(x, w.ln2_weight, w.ln2_bias, rms), w.fc_weight, w.fc_bias)
+        h = F.linear(_activate(h, c.activation), w.out_weight, w.out_bias)
         return x + (F.dropout(h, dropout, training) if dropout else h)
 
 
@@ -266,21 +314,24 @@ def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
 def _rotary(
     positions: torch.Tensor, head_size: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of each position's rotary angles, (T, hs/2), or (B, 1, T, hs/2) for
+    """cos and sin of each position's rotary angles, (T, hs), or (B, 1, T, hs) for
     per-row positions (B, T). Computed in float64 whatever the model's dtype, so that the
     angles of positions far past the block are as exact as those near 0."""
     exponents = torch.arange(0, head_size, 2, dtype=torch.float64, device=positions.device)
     angles = positions.to(torch.float64).unsqueeze(-1) * ROPE_BASE ** (-exponents / head_size)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    # Laid out for _rotate: (cos, cos) and (-sin, sin) over the head's two halves.
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
     if positions.dim() == 2:  # broadcast over heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return cos, sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: rotate each pair (x[i], x[i + hs/2]) by its position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotary embedding: rotate each pair (x[i], x[i + hs/2]) by its position's angle,
+    to (x[i] cos - x[i + hs/2] sin, x[i + hs/2] cos + x[i] sin), in four operations:
+    ``roll`` swaps the two halves, and ``sin`` carries the sign."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class GPT(nn.Module):
@@ -325,20 +376,22 @@ class GPT(nn.Module):
             positions = torch.arange(length, device=idx.device)
             mask = _band(positions, positions, c.attention_window) if c.attention_window else None
         else:
-            positions = kv_cache.positions
-            mask = _visible(positions, kv_cache.key_positions, c.attention_window)
-        x = self.token_embedding(idx)
+            positions, key_positions = kv_cache.positions, kv_cache.key_positions
+            mask = None
+            if key_positions is not None:
+                mask = _visible(positions, key_positions, c.attention_window)
+        x = F.embedding(idx, self.token_embedding.weight)
         rotary = None
         if self.position_embedding is not None:
-            x = x + self.position_embedding(positions)
+            x = x + F.embedding(positions, self.position_embedding.weight)
         else:
             rotary = _rotary(positions, c.head_size, x.dtype)
         if self.training and c.dropout:
             x = F.dropout(x, c.dropout, True)
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            x = block(x, rotary, mask, kv_cache, i, last_only and i == last)
-        logits = self.head(self.ln_f(x))
+        for i, block in enumerate(self.blocks):  # (``forward``: no module-call overhead)
+            x = block.forward(x, rotary, mask, kv_cache, i, last_only and i == last)
+        logits = self.head(self.ln_f.forward(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

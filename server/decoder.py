@@ -79,7 +79,11 @@ class DecodeView:
     """``chargpt.model.KVCache`` for one new position in each of B slots: the new keys and
     values are written first, then every row attends over its whole slot."""
 
-    def __init__(self, cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor) -> None:
+    def __init__(
+        self, cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor, full: bool
+    ) -> None:
+        """``full``: every slot holds ``width`` positions after this one is written, so
+        (the slot being the attention window) the new position sees every key: no mask."""
         self.cache = cache
         self.slots = slots
         self.columns = positions % cache.width
@@ -87,7 +91,7 @@ class DecodeView:
         self.positions = positions[:, None]
         # Slots 0 .. B-1 in order: attend to a view of the cache, no copy.
         self.contiguous = bool(torch.equal(slots, torch.arange(len(slots), device=slots.device)))
-        self.key_positions = self._rows(cache.positions)
+        self.key_positions = None if full else self._rows(cache.positions)
 
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor[: len(self.slots)] if self.contiguous else tensor[self.slots]
@@ -100,25 +104,28 @@ class DecodeView:
 
 
 class ChunkView:
-    """``chargpt.model.KVCache`` for ``count`` new positions of one slot: they attend to
-    what the slot held plus each other, and the last ``width`` of them are stored."""
+    """``chargpt.model.KVCache`` for ``count`` new positions in each of B slots (from each
+    slot's own start): they attend to what the slot held plus each other, and the last
+    ``width`` of them are stored."""
 
-    def __init__(self, cache: SlotCache, slot: int, start: int, count: int) -> None:
-        self.cache, self.slot = cache, slot
+    def __init__(self, cache: SlotCache, slots: list[int], starts: list[int], count: int) -> None:
         device = cache.positions.device
-        self.positions = torch.arange(start, start + count, device=device)[None]
-        self.key_positions = torch.cat((cache.positions[slot], self.positions[0]))[None]
-        kept = self.positions[0, -cache.width :]
+        self.cache = cache
+        self.slots = torch.tensor(slots, device=device)
+        offsets = torch.arange(count, device=device)
+        self.positions = torch.tensor(starts, device=device)[:, None] + offsets  # (B, T)
+        self.key_positions = torch.cat((cache.positions[self.slots], self.positions), dim=1)
+        kept = self.positions[:, -cache.width :]
         self.columns = kept % cache.width
-        self.kept = len(kept)
-        cache.positions[slot, self.columns] = kept
+        self.kept = kept.shape[1]
+        cache.positions[self.slots[:, None], self.columns] = kept
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        old = self.slot, slice(self.slot, self.slot + 1)
-        out = (torch.cat((keys[old[1]], k), dim=2), torch.cat((values[old[1]], v), dim=2))
-        keys[self.slot, :, self.columns] = k[0, :, -self.kept :]
-        values[self.slot, :, self.columns] = v[0, :, -self.kept :]
+        out = (torch.cat((keys[self.slots], k), dim=2), torch.cat((values[self.slots], v), dim=2))
+        rows = self.slots[:, None]  # with columns (B, kept): entries (B, kept, H, hs)
+        keys[rows, :, self.columns] = k[:, :, -self.kept :].transpose(1, 2)
+        values[rows, :, self.columns] = v[:, :, -self.kept :].transpose(1, 2)
         return out
 
 
@@ -168,15 +175,26 @@ class Decoder:
     # ---- forward passes --------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, seq: Tokens, budget: int) -> torch.Tensor | None:
-        """Process up to ``budget`` of ``seq``'s pending positions into its slot; once
-        the last is done, the logits (vocab,) for the character after it."""
-        start = self.cached[seq.id]
-        end = min(len(seq.tokens), start + max(1, budget))
-        view = ChunkView(self.cache, self.slot_of[seq.id], start, end - start)
-        logits = self._forward(seq.tokens[start:end], view, last_only=True)
-        self.cached[seq.id] = end
-        return logits[-1] if end == len(seq.tokens) else None
+    def prefill(self, chunks: Sequence[tuple[Tokens, int]]) -> list[torch.Tensor | None]:
+        """Process the next ``count`` (at most all) pending positions of each sequence into
+        its slot; chunks of the same length share one forward. For each sequence whose
+        last position is now done, the logits (vocab,) for the character after it."""
+        out: list[torch.Tensor | None] = [None] * len(chunks)
+        by_length: dict[int, list[int]] = {}
+        for i, (seq, count) in enumerate(chunks):
+            count = min(max(1, count), len(seq.tokens) - self.cached[seq.id])
+            by_length.setdefault(count, []).append(i)
+        for count, rows in by_length.items():
+            seqs = [chunks[i][0] for i in rows]
+            starts = [self.cached[s.id] for s in seqs]
+            view = ChunkView(self.cache, [self.slot_of[s.id] for s in seqs], starts, count)
+            ids = [s.tokens[a : a + count] for s, a in zip(seqs, starts, strict=True)]
+            logits = self._forward(ids, view, last_only=True)
+            for i, seq, start, row in zip(rows, seqs, starts, logits, strict=True):
+                self.cached[seq.id] = start + count
+                if start + count == len(seq.tokens):
+                    out[i] = row[-1]
+        return out
 
     @torch.inference_mode()
     def decode(self, seqs: Sequence[Tokens]) -> torch.Tensor:
@@ -204,18 +222,21 @@ class Decoder:
     def _decode_cached(self, seqs: list[Tokens]) -> torch.Tensor:
         slots = torch.tensor([self.slot_of[s.id] for s in seqs], device=self.device)
         order = torch.argsort(slots)
-        positions = torch.tensor([len(s.tokens) - 1 for s in seqs], device=self.device)
+        ends = [len(s.tokens) for s in seqs]
+        positions = torch.tensor(ends, device=self.device) - 1
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
-        view = DecodeView(self.cache, slots[order], positions[order])
+        # A window model's slot is its window: once full, each new position sees it all.
+        full = bool(self.config.attention_window) and min(ends) >= self.cache.width
+        view = DecodeView(self.cache, slots[order], positions[order], full)
         logits, _ = self.model(tokens[order, None], kv_cache=view)
         for s in seqs:
             self.cached[s.id] = len(s.tokens)
         return logits[torch.argsort(order), -1]
 
-    def _forward(self, ids: list[int], view: ChunkView, last_only: bool) -> torch.Tensor:
-        idx = torch.tensor([ids], device=self.device)
-        logits, _ = self.model(idx, kv_cache=view, last_only=last_only)
-        return logits[0]
+    def _forward(self, ids: list[list[int]], view: ChunkView, last_only: bool) -> torch.Tensor:
+        logits, _ = self.model(torch.tensor(ids, device=self.device), kv_cache=view,
+                               last_only=last_only)  # fmt: skip
+        return logits
 
     # ---- scoring ---------------------------------------------------------------------
 
@@ -251,8 +272,8 @@ class Decoder:
         cache, start = self._score_caches[job_id]
         end = min(len(ids) - 1, start + max(1, budget))  # targets start + 1 .. end
         context_only = end < first_target
-        view = ChunkView(cache, 0, start, end - start)
-        logits = self._forward(ids[start:end], view, last_only=context_only)
+        view = ChunkView(cache, [0], [start], end - start)
+        logits = self._forward([ids[start:end]], view, last_only=context_only)[0]
         self._score_caches[job_id] = (cache, end)
         if context_only:
             return [], end - start

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # the final message must still cross the event loop and the network.
 RELAY_MARGIN_S = 0.1
 
+T = TypeVar("T")
+
 
 class OverloadedError(Exception):
     """Every running and waiting slot is taken."""
@@ -66,7 +68,7 @@ class Decoder(Protocol):
     def release(self, seq_id: int) -> None: ...
     def pending(self, seq: Generation) -> int: ...
     def cost(self, seq: Generation) -> int: ...
-    def prefill(self, seq: Generation, budget: int) -> torch.Tensor | None: ...
+    def prefill(self, chunks: list[tuple[Generation, int]]) -> list[torch.Tensor | None]: ...
     def decode(self, seqs: list[Generation]) -> torch.Tensor: ...
     def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]: ...
     def finish_score(self, job_id: int) -> None: ...
@@ -303,19 +305,18 @@ class Engine:
     def execute(self, plan: StepPlan) -> list[tuple[Generation, torch.Tensor]]:
         """The forward passes; returns each row that has next-character logits."""
         rows: list[tuple[Generation, torch.Tensor]] = []
-        for generation, positions in plan.prefill:
+        for chunks in _by_model(plan.prefill, lambda chunk: chunk[0]):
             try:
-                logits = generation.served.decoder.prefill(generation, positions)
+                logits = chunks[0][0].served.decoder.prefill(chunks)
             except Exception:
-                self._fail(generation, "prompt processing")
+                for generation, _ in chunks:
+                    self._fail(generation, "prompt processing")
                 continue
-            self.metrics.positions.labels("prompt").inc(positions)
-            if logits is not None:
-                rows.append((generation, logits))
-        by_model: dict[int, list[Generation]] = {}
-        for generation in plan.decode:
-            by_model.setdefault(id(generation.served), []).append(generation)
-        for group in by_model.values():
+            self.metrics.positions.labels("prompt").inc(sum(n for _, n in chunks))
+            for (generation, _), row in zip(chunks, logits, strict=True):
+                if row is not None:
+                    rows.append((generation, row))
+        for group in _by_model(plan.decode, lambda generation: generation):
             try:
                 logits = group[0].served.decoder.decode(group)
             except Exception:
@@ -427,6 +428,14 @@ class Engine:
         self._outbox.append((generation, generation.finished_event(reason, self.clock())))
         self.metrics.finished.labels(reason.value).inc()
         self.metrics.running.set(len(self._running))
+
+
+def _by_model(items: list[T], generation: Callable[[T], Generation]) -> list[list[T]]:
+    """``items`` grouped by the model their generation is pinned to, in order."""
+    groups: dict[int, list[T]] = {}
+    for item in items:
+        groups.setdefault(id(generation(item).served), []).append(item)
+    return list(groups.values())
 
 
 def _ended(generation: Generation) -> FinishReason:

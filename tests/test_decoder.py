@@ -52,7 +52,7 @@ def test_prefill_then_decode_equals_the_reference_far_past_the_window(config: GP
         logits = None
         while logits is None:
             pending = decoder.pending(seq)
-            logits = decoder.prefill(seq, budget=2) if pending else decoder.decode([seq])[0]
+            logits = decoder.prefill([(seq, 2)])[0] if pending else decoder.decode([seq])[0]
         close(logits, m, seq.tokens)
     for step in range(4 * config.block_size):
         for seq in seqs:
@@ -67,11 +67,35 @@ def test_prefill_then_decode_equals_the_reference_far_past_the_window(config: GP
             seqs.pop(1)
 
 
+@pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned", "windowed"])
+def test_prompts_prefilled_together_equal_the_reference(config: GPTConfig) -> None:
+    """Chunks of equal length from different slots and starts share one forward."""
+    m = model(config)
+    decoder = Decoder(m, slots=4)
+    # Third slot first: the forward's rows are not in slot order.
+    seqs = [Seq([4, 1, 2, 3, 4, 5, 6]), Seq([7, 8]), Seq([9, 10, 11, 12, 0]), Seq([1] * 7)]
+    for seq in seqs:
+        decoder.start(seq)
+    done: dict[int, torch.Tensor] = {}
+    while len(done) < len(seqs):
+        chunks = [(s, 3 if s.id % 2 else 2) for s in seqs if s.id not in done]
+        for (seq, _), logits in zip(chunks, decoder.prefill(chunks), strict=True):
+            if logits is not None:
+                done[seq.id] = logits
+    for seq in seqs:
+        close(done[seq.id], m, seq.tokens)
+    for seq in seqs:  # and the caches they left are right
+        seq.tokens.append(3)
+    got = decoder.decode(seqs)
+    for row, seq in enumerate(seqs):
+        close(got[row], m, seq.tokens)
+
+
 def test_learned_rows_leave_the_cache_once_the_text_outgrows_the_block() -> None:
     decoder = Decoder(model(LEARNED), slots=2)
     seq = Seq([1, 2])
     decoder.start(seq)
-    decoder.prefill(seq, budget=100)
+    decoder.prefill([(seq, 100)])
     assert decoder.cost(seq) == 1
     while len(seq.tokens) <= LEARNED.block_size:
         seq.tokens.append(3)

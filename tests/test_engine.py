@@ -70,11 +70,14 @@ class FakeDecoder:
     def cost(self, seq) -> int:  # type: ignore[no-untyped-def]
         return 1
 
-    def prefill(self, seq, budget: int) -> torch.Tensor | None:  # type: ignore[no-untyped-def]
-        done = min(len(seq.tokens), self.processed[seq.id] + budget)
-        self.prefilled.append((seq.id, done - self.processed[seq.id]))
-        self.processed[seq.id] = done
-        return self.logits(seq.id) if done == len(seq.tokens) else None
+    def prefill(self, chunks) -> list[torch.Tensor | None]:  # type: ignore[no-untyped-def]
+        out: list[torch.Tensor | None] = []
+        for seq, budget in chunks:
+            done = min(len(seq.tokens), self.processed[seq.id] + budget)
+            self.prefilled.append((seq.id, done - self.processed[seq.id]))
+            self.processed[seq.id] = done
+            out.append(self.logits(seq.id) if done == len(seq.tokens) else None)
+        return out
 
     def decode(self, seqs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         if self.broken:

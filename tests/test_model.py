@@ -93,3 +93,25 @@ def test_reference_generate_is_reproducible_with_a_seed() -> None:
     c = reference_generate(model, [0], 30, params, seed=8)
     assert a == b
     assert a != c
+
+
+def test_blocks_compute_with_the_weights_they_hold_after_every_way_of_loading() -> None:
+    """A block binds its parameters once for speed; copying into them, assigning new ones
+    and converting them must all leave it computing with the model's current weights."""
+    torch.manual_seed(0)
+    source, idx = GPT(CONFIG).eval(), torch.randint(11, (2, 8))
+    expected, _ = source(idx)
+
+    copied = GPT(CONFIG).eval()
+    copied.load_state_dict(source.state_dict())
+    assigned = GPT(CONFIG).eval()
+    assigned.load_state_dict({k: v.clone() for k, v in source.state_dict().items()}, assign=True)
+    converted = GPT(CONFIG).eval()
+    converted.load_state_dict(source.state_dict())
+    converted.to(torch.float64).to(torch.float32)
+    for model in (copied, assigned, converted):
+        torch.testing.assert_close(model(idx)[0], expected, rtol=1e-6, atol=1e-6)
+        for block in model.blocks:
+            # The parameters themselves, so the optimizer's in-place updates are seen too.
+            bound = {id(t) for t in block.weights if t is not None}
+            assert bound == {id(p) for p in block.parameters()}
