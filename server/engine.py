@@ -383,7 +383,7 @@ class Engine:
         self, generation: Generation, token: int, log_probs: torch.Tensor, now: float
     ) -> None:
         params = generation.params
-        detail = TokenDetail(token, 0.0, [])
+        detail = None  # only a request that asks for logprobs gets per-character details
         if params.logprobs:
             top: list[tuple[int, float]] = []
             if params.top_logprobs:

@@ -64,7 +64,8 @@ class TokenDetail:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Characters released to the client (stop-sequence hold-back already applied)."""
+    """Characters released to the client (stop-sequence hold-back already applied), and
+    each one's details if the request asked for logprobs (else none)."""
 
     text: str
     tokens: list[TokenDetail]
@@ -110,7 +111,7 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.params.prompt_ids)
-        self.matcher: StopMatcher[TokenDetail] | None = (
+        self.matcher: StopMatcher[TokenDetail | None] | None = (
             StopMatcher(self.params.stop) if self.params.stop else None
         )
 
@@ -126,11 +127,12 @@ class Generation:
         deadline = self.params.deadline
         return deadline is not None and deadline - now < margin
 
-    def append(self, token: int, detail: TokenDetail, char: str) -> Chunk | None:
-        """Add a generated character; returns what may be streamed now."""
+    def append(self, token: int, detail: TokenDetail | None, char: str) -> Chunk | None:
+        """Add a generated character (with its details when the request asked for
+        logprobs); returns what may be streamed now."""
         self.tokens.append(token)
         if self.matcher is None:
-            return Chunk(char, [detail])
+            return Chunk(char, [detail] if detail is not None else [])
         released = self.matcher.feed(char, detail)
         return _chunk(released) if released else None
 
@@ -168,8 +170,8 @@ class Generation:
         )
 
 
-def _chunk(released: list[tuple[str, TokenDetail]]) -> Chunk:
-    return Chunk("".join(c for c, _ in released), [d for _, d in released])
+def _chunk(released: list[tuple[str, TokenDetail | None]]) -> Chunk:
+    return Chunk("".join(c for c, _ in released), [d for _, d in released if d is not None])
 
 
 @dataclass(eq=False)

@@ -54,6 +54,8 @@ def test_generate_streams_one_character_per_message_then_a_summary(server: Serve
     # (tests/test_relay.py pins that rule down exactly).
     assert len(streamed) >= 2 and all(r.text and not r.HasField("summary") for r in streamed)
     assert sum(len(r.text) for r in streamed) == 20 and last.text == ""
+    # Per-character entries only "when the request asked for logprobs" (the proto).
+    assert not any(r.tokens for r in responses)
     summary = last.summary
     assert summary.finish_reason == pb.FINISH_REASON_LENGTH
     assert summary.usage.prompt_characters == 6
