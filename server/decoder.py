@@ -234,8 +234,8 @@ class Decoder:
         return logits[torch.argsort(order), -1]
 
     def _forward(self, ids: list[list[int]], view: ChunkView, last_only: bool) -> torch.Tensor:
-        logits, _ = self.model(torch.tensor(ids, device=self.device), kv_cache=view,
-                               last_only=last_only)  # fmt: skip
+        idx = torch.tensor(ids, device=self.device)
+        logits, _ = self.model(idx, kv_cache=view, last_only=last_only)
         return logits
 
     # ---- scoring ---------------------------------------------------------------------

@@ -13,7 +13,9 @@ request's event queue. Each iteration of the loop is three steps, in vLLM's shap
 - ``update``: sample every row's next character in one vectorised draw, release
   characters past stop-sequence hold-back, and finish what is done.
 
-A failure while computing or sampling a row ends that row's request alone. Each request
+A failure while sampling or streaming a row ends that row's request alone; a failed
+forward pass ends the requests it computed (one model's decode batch, or its prompt
+chunks of one step), never the other models' or a Score's. Each request
 is pinned to the model that was current when it was submitted; a hot reload changes what
 new requests get, never what a running generation uses.
 """
