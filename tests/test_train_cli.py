@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
-from tests.conftest import REPO, TINY_MODEL, run_chargpt
+from tests.conftest import REPO, TINY_MODEL, chargpt_env, run_chargpt, run_process
+from tests.threads_at_exit import MARK
 from trainer.state import load_train_state
 
 
@@ -233,13 +234,10 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
     assert straight.returncode == 0, straight.stderr
 
     out = tmp_path / "stopped"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    env.setdefault("OMP_NUM_THREADS", "1")
     command = [sys.executable, "-m", *signalled_at_step(77, "SIGTERM")]
-    stopped = subprocess.run(
-        [*command, *train_args(small_text_file, out, *args)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-    )  # fmt: skip
+    stopped = run_process(
+        [*command, *train_args(small_text_file, out, *args)], chargpt_env(), cwd=REPO
+    )
     assert stopped.returncode == 0, stopped.stderr
     assert "SIGTERM: stopped at step" in stopped.stdout
     stopped_at = load_train_state(out / "resume.pt").step
@@ -274,26 +272,31 @@ DDP_ARGS = ["--max-iters", "30", "--eval-interval", "15", "--device", "cpu"]
 
 def torchrun(*command: str) -> subprocess.CompletedProcess[str]:
     """``command`` (a module and its arguments) in two CPU processes under torchrun."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    return subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", *command],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    return run_process(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", *command], chargpt_env(),
+        cwd=REPO,
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DdpRun:
+    out: Path
+    stderr: str
+
+
 @pytest.fixture(scope="module")
-def ddp_run(small_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 30-step run of two CPU processes."""
+def ddp_run(small_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> DdpRun:
+    """A 30-step run of two CPU processes, each reporting its threads as it exits."""
     out = tmp_path_factory.mktemp("ddp")
-    result = torchrun("chargpt", *train_args(small_text_file, out, *DDP_ARGS))
+    result = torchrun("tests.threads_at_exit", *train_args(small_text_file, out, *DDP_ARGS))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x2 ranks" in result.stdout
-    return out
+    return DdpRun(out, result.stderr)
 
 
 @needs_torchrun
-def test_torchrun_two_cpu_processes_write_one_checkpoint(ddp_run: Path) -> None:
-    out = ddp_run
+def test_torchrun_two_cpu_processes_write_one_checkpoint(ddp_run: DdpRun) -> None:
+    out = ddp_run.out
     assert sorted(p.name for p in out.iterdir()) == [
         "latest.safetensors",
         "log.jsonl",
@@ -308,8 +311,19 @@ def test_torchrun_two_cpu_processes_write_one_checkpoint(ddp_run: Path) -> None:
 
 
 @needs_torchrun
+def test_no_gloo_thread_outlives_the_run(ddp_run: DdpRun) -> None:
+    # A gloo thread still running while a rank's interpreter finalizes can abort it
+    # (SIGABRT, "terminate called without an active exception"): the process group and
+    # its threads must be gone before the process exits.
+    reports = [line for line in ddp_run.stderr.splitlines() if MARK in line]
+    assert len(reports) == 2, ddp_run.stderr[-3000:]
+    for line in reports:
+        assert "gloo" not in line, line
+
+
+@needs_torchrun
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
-    ddp_run: Path, small_text_file: Path, tmp_path: Path
+    ddp_run: DdpRun, small_text_file: Path, tmp_path: Path
 ) -> None:
     # Rank 1 alone gets SIGTERM after step 13; the ranks agree on stopping every 10 steps
     # (an all-reduce waits for the device, so not every step), so both stop after step 20.
@@ -325,7 +339,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     resumed = torchrun("chargpt", *train_args(small_text_file, out, *DDP_ARGS, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 20" in resumed.stdout
-    a, b = tensors(ddp_run / "latest.safetensors"), tensors(out / "latest.safetensors")
+    a, b = tensors(ddp_run.out / "latest.safetensors"), tensors(out / "latest.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

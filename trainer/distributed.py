@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ class Distributed:
             yield
             return
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        # Imported once a group exists (torch.optim and DDP import it when first used),
+        # torch._dynamo keeps the group alive past destroy_process_group (torch 2.13), and
+        # its gloo threads then run into the interpreter's shutdown, where one taking the
+        # GIL aborts the process ("terminate called without an active exception").
+        # Imported first, it holds nothing: the group and its threads end with the block.
+        importlib.import_module("torch._dynamo")
         torch_dist.init_process_group("nccl" if cuda else "gloo")
         try:
             yield
