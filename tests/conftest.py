@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shlex
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -64,23 +68,65 @@ def small_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def run_process(
+    command: Sequence[str | Path],
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``command`` run to its end, its output captured. Past ``timeout``, it and every
+    process it started are killed (torchrun's ranks too, which run in sessions of their
+    own) and the test fails with what they printed, instead of hanging; whatever it leaves
+    running when it ends is killed too."""
+    args = [str(a) for a in command]
+    tag = uuid.uuid4().hex  # inherited by every process it starts: how to find them
+    env = {**(os.environ if env is None else env), PROCESS_TAG: tag}
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tagged(tag)
+        stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"{shlex.join(args)} did not finish within {timeout:g} s and was killed with "
+            f"everything it started.\n--- its stdout (end) ---\n{stdout[-4000:]}\n"
+            f"--- its stderr (end) ---\n{stderr[-4000:]}",
+            pytrace=False,
+        )
+    finally:
+        kill_tagged(tag)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+PROCESS_TAG = "PYTEST_CHARGPT_PROCESS_TAG"
+
+
+def kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment carries ``PROCESS_TAG=tag`` (Linux /proc)."""
+    marker = f"{PROCESS_TAG}={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone, or not ours to read
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+
+def chargpt_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without its ``CHARGPT_*`` settings, one OpenMP thread (tiny models:
+    two threads on a busy machine are slower), then ``env``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    return full_env
+
+
 def run_chargpt(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``chargpt`` command line in a subprocess."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    full_env.setdefault(
-        "OMP_NUM_THREADS", "1"
-    )  # tiny models: 2 threads on a busy machine are slower
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "chargpt", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        cwd=cwd,
-    )
+    return run_process([sys.executable, "-m", "chargpt", *args], chargpt_env(env), timeout, cwd)
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,12 @@ empty directory."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, TINY_SHAKESPEARE
+from tests.conftest import REPO, TINY_SHAKESPEARE, run_process
 from tests.server_process import free_port
 
 # Lines the test does not run: it runs in the installed project, and inside pytest.
@@ -49,22 +46,10 @@ def test_the_commands_without_docker_run_as_written(tmp_path: Path) -> None:
         CHARGPT_SERVER=f"127.0.0.1:{port}",
         CHARGPT_METRICS_PORT="0",
     )
-    shell = subprocess.Popen(
-        ["bash", "-euxo", "pipefail", "-c", "\n".join(script)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # the backgrounded server too: stopped below whatever happens
-    )
-    try:
-        output, _ = shell.communicate(timeout=900)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(shell.pid, signal.SIGKILL)
-        shell.wait()
-    assert shell.returncode == 0, output[-6000:]
+    # The backgrounded server too is stopped at the end, whatever happens (run_process).
+    shell = run_process(["bash", "-euxo", "pipefail", "-c", "\n".join(script)], env, 900, tmp_path)
+    output = shell.stdout
+    assert shell.returncode == 0, (output[-4000:], shell.stderr[-4000:])  # stderr: bash's trace
     assert "checkpoint: out/model.safetensors" in output
     assert f"127.0.0.1:{port}: SERVING" in output
     assert "perplexity" in output

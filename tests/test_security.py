@@ -8,7 +8,6 @@ import datetime as dt
 import os
 import secrets
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from chargpt.checkpoint import atomic_write
 from chargpt.v1 import language_model_pb2 as pb
 from server.client import ClientTLS
 from tests.certificates import CertificateAuthority, Identity
-from tests.conftest import REPO, run_chargpt
+from tests.conftest import REPO, run_chargpt, run_process
 from tests.server_process import ServerProcess, wait_until
 from tests.test_containers import healthcheck_command, interpolate
 
@@ -104,7 +103,7 @@ def test_tls_serves_and_a_plain_text_client_is_refused(checkpoint: Path, pki: PK
         assert len(text) == 10
         assert server.client.model_info().block_size > 0
         assert "(TLS, certificate valid until" in server.log
-        with server.connect(timeout=10, tls=None) as plain:
+        with server.connect(tls=None) as plain:
             unavailable(plain.health)
             unavailable(lambda: plain.score("ROMEO"))
 
@@ -148,7 +147,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(
         text, _ = server.client.generate_text("ROMEO:", max_new_tokens=5)
         assert len(text) == 5
         for refused in (pki.client_tls(), pki.client_tls(pki.rogue)):
-            with server.connect(timeout=10, tls=refused) as client:
+            with server.connect(tls=refused) as client:
                 unavailable(client.health)
                 unavailable(lambda c=client: c.generate_text("ROMEO:", max_new_tokens=5))
 
@@ -193,10 +192,7 @@ def test_image_health_check_works_with_tls_on(checkpoint: Path, pki: PKI, tmp_pa
     }
     with ServerProcess(checkpoint, env=container_env, tls=pki.client_tls(pki.client)) as server:
         assert "(mutual TLS, certificate valid until" in server.log
-        check = subprocess.run(
-            healthcheck_command(server.target), env=clean_env(container_env),
-            capture_output=True, text=True,
-        )  # fmt: skip
+        check = run_process(healthcheck_command(server.target), clean_env(container_env))
         assert check.returncode == 0, check.stdout + check.stderr
         assert check.stdout.strip() == f"{server.target}: SERVING"
 
@@ -391,9 +387,7 @@ def test_compose_secure_example(checkpoint: Path, tmp_path: Path) -> None:
     makes, run as local processes: secrets reach the server only as mounted files, the
     server serves TLS and tokens, and the image's health check passes with the container's
     environment."""
-    made = subprocess.run(
-        [REPO / "deploy" / "make-secrets.sh", tmp_path / "secrets"], capture_output=True, text=True
-    )
+    made = run_process([REPO / "deploy" / "make-secrets.sh", tmp_path / "secrets"])
     assert made.returncode == 0, made.stderr
     base = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["server"]
     secure = yaml.safe_load((REPO / "docker-compose.secure.yml").read_text())
@@ -419,9 +413,7 @@ def test_compose_secure_example(checkpoint: Path, tmp_path: Path) -> None:
     with ServerProcess(checkpoint, env=env, tls=ca, token=token) as running:
         assert "(TLS, certificate valid until" in running.log
         assert "accepting 1 token from" in running.log
-        check = subprocess.run(
-            healthcheck_command(running.target), env=clean_env(env), capture_output=True, text=True
-        )
+        check = run_process(healthcheck_command(running.target), clean_env(env))
         assert check.returncode == 0, check.stdout + check.stderr
         in_container = run_chargpt(
             "generate", "ROMEO:", "--server", running.target, "--max-new-tokens", "5",

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from chargpt.checkpoint import read_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, chargpt_env, run_process
 from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.progress import Progress
@@ -211,12 +211,10 @@ def run_with_fault(
     point: tuple[str, str], nth: int, action: str, data: Path, out: Path
 ) -> subprocess.CompletedProcess[str]:
     """The real ``chargpt train`` with ``action`` at the ``nth`` pass through ``point``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "tests.fault_at", *point, str(nth), action]
-    return subprocess.run(
+    return run_process(
         [*command, "train", "--data", str(data), "--out-dir", str(out), *TINY_FLAGS],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+        chargpt_env({"OMP_NUM_THREADS": "1"}), cwd=REPO,
     )  # fmt: skip
 
 

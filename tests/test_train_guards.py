@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from chargpt.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, chargpt_env, run_process
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -216,11 +216,9 @@ def test_a_warmup_longer_than_the_run_is_pointed_out(
 
 def signalled(when: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``chargpt ARGS`` with the signals of ``when`` (``tests/signal_at.py``)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
+    return run_process(
         [sys.executable, "-m", "tests.signal_at", when, *args],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+        chargpt_env({"OMP_NUM_THREADS": "1"}), cwd=REPO,
     )  # fmt: skip
 
 
