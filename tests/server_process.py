@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,10 +10,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.client import ClientTLS, LanguageModelClient
@@ -123,7 +126,7 @@ class ServerProcess:
 
     def metrics_text(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(url, timeout=60) as response:
             return response.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:
@@ -135,3 +138,39 @@ class ServerProcess:
                 ):
                     return float(sample.value)
         return 0.0
+
+
+@contextlib.contextmanager
+def crowd(server: ServerProcess, n: int) -> Iterator[None]:
+    """``n`` generations running on ``server`` for the duration of the block: each has sent
+    its first character (so it is in the running batch) and none can end by itself before
+    the block does (100,000 characters each); cancelled afterwards, and the block ends
+    once the server has let them go."""
+    streams = []
+    try:
+        for i in range(n):
+            prompt = "JULIET:" if i % 2 else ""
+            streams.append(
+                server.client.generate(prompt, max_new_tokens=100_000, temperature=0.7, seed=i)
+            )
+            next(streams[-1])
+        yield
+        assert server.metric("chargpt_running_requests") >= n  # all still running
+    finally:
+        for stream in streams:
+            stream.cancel()
+        with contextlib.suppress(grpc.RpcError):
+            for stream in streams:
+                list(stream)
+    wait_until(lambda: server.metric("chargpt_running_requests") == 0)
+
+
+def ended_by_deadline(stream: Iterator[Any]) -> list[Any]:
+    """A stream's messages, read to the end of a call with a deadline that the server ends
+    for its deadline; ``[]`` when the call ended DEADLINE_EXCEEDED instead (the summary sent
+    in time missed it on a machine that stalled the server longer than its margin)."""
+    try:
+        return list(stream)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+        return []

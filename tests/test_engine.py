@@ -50,6 +50,7 @@ class FakeDecoder:
     prefilled: list[tuple[int, int]] = field(default_factory=list)
     scored: list[int] = field(default_factory=list)
     released: list[int] = field(default_factory=list)
+    slow_score: tuple[Clock, float] | None = None  # each Score slice moves this clock on
 
     def logits(self, seq_id: int) -> torch.Tensor:
         row = torch.zeros(len(VOCAB))
@@ -90,6 +91,9 @@ class FakeDecoder:
     def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]:
         if self.broken:
             raise RuntimeError("this model's forward pass is broken")
+        if self.slow_score is not None:
+            clock, seconds = self.slow_score
+            clock.now += seconds
         end = min(len(job.params.ids), job.next_target + budget)
         self.scored.append(end - job.next_target)
         return [-1.0] * (end - job.next_target), end - job.next_target
@@ -181,6 +185,34 @@ def test_a_deadline_ends_the_generation_while_the_final_message_can_be_sent(cloc
     finished = events(q)[-1]
     assert isinstance(finished, Finished) and finished.reason == FinishReason.TIME_LIMIT
     assert generation.finished and finished.generated_characters == 1
+
+
+def test_the_deadline_margin_grows_with_the_slowest_iteration(clock: Clock) -> None:
+    # An iteration that scores for 0.5 s: the next one keeps 3 x 0.5 s + RELAY_MARGIN_S in
+    # hand, so a generation 1.5 s from its deadline ends now, its final message in time.
+    decoder = FakeDecoder(slow_score=(clock, 0.5))
+    e, model, q = (
+        engine(clock, budget=Budget(min_extra=4, idle=4)),
+        served(decoder),
+        queue.SimpleQueue(),
+    )
+    e.submit_score(ScoreParams([0] * 1000, 1, 0), model)
+    e.step()  # the Score's slice alone: 0.5 s
+    generation = e.submit_generation(params(n=1000, deadline=clock.now + 1.5), model, q)
+    e.step()
+    finished = events(q)[-1]
+    assert isinstance(finished, Finished) and finished.reason == FinishReason.TIME_LIMIT
+    assert generation.finished  # (1.5 s left < 3 x 0.5 s + RELAY_MARGIN_S)
+
+
+def test_running_generations_are_decoded_together(clock: Clock) -> None:
+    decoder = FakeDecoder()
+    e, model = engine(clock, max_running=16, max_waiting=16), served(decoder)
+    for _ in range(12):
+        e.submit_generation(params(n=5), model, queue.SimpleQueue())
+    for _ in range(6):
+        e.step()
+    assert max(map(len, decoder.decoded)) == 12  # one batch of every running row
 
 
 def test_held_back_stop_prefixes_are_released_at_the_end(clock: Clock) -> None:
@@ -280,7 +312,8 @@ def test_shutdown_ends_everything(clock: Clock) -> None:
     loop = threading.Thread(target=e.run)
     e.request_stop()
     loop.start()
-    loop.join()
+    loop.join(timeout=60)
+    assert not loop.is_alive(), "the engine loop did not stop"
     for q in (running, waiting):
         assert events(q)[-1].reason == FinishReason.SHUTDOWN  # type: ignore[union-attr]
     with pytest.raises(EngineStoppedError):

@@ -18,7 +18,7 @@ PROMETHEUS = shutil.which("prometheus")
 
 def query(port: int, expr: str) -> list[dict]:  # type: ignore[type-arg]
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(url, timeout=60) as response:
         body = json.load(response)
     assert body["status"] == "success", body
     return body["data"]["result"]
@@ -54,7 +54,7 @@ def test_prometheus_scrapes_the_generated_characters_counter(
                 result = query(port, 'chargpt_generated_characters_total{job="chargpt-server"}')
                 return len(result) == 1 and float(result[0]["value"][1]) == 42
 
-            wait_until(scraped, timeout=60, interval=0.5)
+            wait_until(scraped, timeout=120, interval=0.5)
             up = query(port, 'up{job="chargpt-server"}')
             assert float(up[0]["value"][1]) == 1
             requests = query(port, 'chargpt_requests_total{method="Generate",code="OK"}')
