@@ -322,6 +322,22 @@ def test_no_gloo_thread_outlives_the_run(ddp_run: DdpRun) -> None:
 
 
 @needs_torchrun
+def test_bad_input_found_by_rank_0_stops_every_rank_with_its_message(
+    ddp_run: DdpRun, small_text_file: Path
+) -> None:
+    # Rank 0 alone checks the run directory; its refusal reaches the other rank, which
+    # stops with the same line instead of waiting at a collective for a rank that left.
+    before = {p.name: p.read_bytes() for p in ddp_run.out.iterdir()}
+    result = torchrun("chargpt", *train_args(small_text_file, ddp_run.out, *DDP_ARGS))
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 2 and all("already holds a run" in line for line in errors), errors
+    assert not [line for line in lines if line.startswith("[rank") and "Traceback" in line]
+    assert {p.name: p.read_bytes() for p in ddp_run.out.iterdir()} == before
+
+
+@needs_torchrun
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     ddp_run: DdpRun, small_text_file: Path, tmp_path: Path
 ) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,22 @@ class Distributed:
         if self.enabled:
             torch_dist.all_reduce(values)
         return values
+
+    def on_main(self, work: Callable[[], T], errors: tuple[type[Exception], ...]) -> T:
+        """``work()`` run by rank 0 alone (a check, a download, a file rank 0 writes);
+        every rank gets what it returned, or raises the error of ``errors`` it raised, so
+        that bad input stops every rank with rank 0's message instead of leaving the
+        others at their next collective when rank 0 leaves (every rank must call it)."""
+        outcome: T | Exception | None = None
+        if self.is_main:
+            try:
+                outcome = work()
+            except errors as exc:
+                outcome = exc
+        outcome = self.gather(outcome)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome  # type: ignore[return-value]
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (every rank must call it)."""

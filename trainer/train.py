@@ -200,8 +200,7 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
     before anything is written."""
     device, autocast = setup_device(cfg, dist)
     files = RunFiles(Path(cfg.out_dir))
-    if dist.is_main:
-        check_run_dir(files, cfg)
+    dist.on_main(lambda: check_run_dir(files, cfg), (TrainError,))
     corpus = load_corpus(cfg, dist, progress)
     resumed = None
     if cfg.resume:
@@ -222,8 +221,7 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     report = start_report(cfg, dist, device, files, state, progress)
-    if dist.is_main:
-        tidy_run_dir(files, cfg, resumed)
+    dist.on_main(lambda: tidy_run_dir(files, cfg, resumed), (RunError,))
     report.line(
         f"{state.run_name}: {model.num_parameters() / 1e6:.2f}M parameters, vocab "
         f"{corpus.tokenizer.vocab_size}, {len(corpus.train):,} train / {len(corpus.val):,} val "
@@ -317,16 +315,12 @@ def load_corpus(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Corp
     """The text, encoded into its cache in ``--data-dir`` and memory-mapped. Rank 0
     downloads Tiny Shakespeare if needed and checks or builds the cache while the other
     ranks wait; each then maps it, or raises rank 0's DataError."""
-    outcome: Path | DataError | None = None
-    if dist.is_main:
-        try:
-            source = Path(cfg.data) if cfg.data else fetch_tiny_shakespeare(cfg.data_dir)
-            outcome = prepare_corpus(source, Path(cfg.data_dir), cfg.block_size, progress.log)
-        except DataError as exc:
-            outcome = exc
-    outcome = dist.gather(outcome)[0]  # rank 0's, once it has one
-    if isinstance(outcome, DataError):
-        raise outcome
+
+    def prepare() -> Path:
+        source = Path(cfg.data) if cfg.data else fetch_tiny_shakespeare(cfg.data_dir)
+        return prepare_corpus(source, Path(cfg.data_dir), cfg.block_size, progress.log)
+
+    outcome = dist.on_main(prepare, (DataError,))
     return Corpus.open(outcome, cfg.block_size)
 
 
@@ -379,13 +373,17 @@ def start_report(
     metrics.run.info({"run_name": state.run_name, "device": str(device), "out_dir": cfg.out_dir})
     metrics.max_steps.set(cfg.max_iters)
     metrics.step.set(state.step)
-    if cfg.metrics_port and dist.is_main:
+
+    def serve() -> None:
         try:
             metrics.serve(cfg.metrics_port)
         except OSError as exc:
             raise TrainError(
                 f"cannot serve metrics on port {cfg.metrics_port}: {exc.strerror}"
             ) from None
+
+    if cfg.metrics_port:
+        dist.on_main(serve, (TrainError,))
     loss_interval = 1 if device.type == "cpu" else SYNC_INTERVAL
     return Report(dist.is_main, progress, metrics, files.log, loss_interval)
 
