@@ -108,6 +108,7 @@ class Stream:
     text: list[str] = field(default_factory=list)
     summary: pb.GenerateSummary | None = None
     code: grpc.StatusCode | None = None
+    details: str = ""
     call: object = None
 
     def __post_init__(self) -> None:
@@ -126,7 +127,7 @@ class Stream:
                 if response.HasField("summary"):
                     self.summary = response.summary
         except grpc.RpcError as exc:
-            self.code = exc.code()
+            self.code, self.details = exc.code(), exc.details() or ""
         finally:
             self.started.set()
 
