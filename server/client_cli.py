@@ -311,7 +311,7 @@ def score(
 )
 def health(connection: Connection, service: str, timeout: float, wait: float) -> int:
     """Ask grpc.health.v1 (open to callers without a token); exit 0 only if the server
-    answers SERVING."""
+    answers SERVING (over several replicas: if one of them does, the one asked)."""
     server = connection.server
     deadline = time.monotonic() + wait
     with connection.client(timeout) as client:

@@ -7,6 +7,7 @@ by itself gets UNAVAILABLE)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -131,18 +132,14 @@ def client(gateway: tuple[Fleet, Envoy]) -> Iterator[LanguageModelClient]:
         yield connected
 
 
-def explained(gateway: tuple[Fleet, Envoy]):  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def explained(gateway: tuple[Fleet, Envoy]) -> Iterator[None]:
+    """A failure inside carries Envoy's and every replica's log."""
     fleet, envoy = gateway
-
-    class Explained:
-        def __enter__(self) -> None:
-            pass
-
-        def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
-            if exc is not None and isinstance(exc, (AssertionError, TimeoutError, grpc.RpcError)):
-                raise AssertionError(f"{exc!r}\n--- envoy:\n{envoy.log}\n{fleet.logs()}") from exc
-
-    return Explained()
+    try:
+        yield
+    except (AssertionError, TimeoutError, grpc.RpcError) as exc:
+        raise AssertionError(f"{exc!r}\n--- envoy:\n{envoy.log}\n{fleet.logs()}") from exc
 
 
 def test_one_channel_through_envoy_spreads_streams_over_every_replica(gateway, client) -> None:  # type: ignore[no-untyped-def]

@@ -193,6 +193,8 @@ def test_kill_9_fails_only_the_streams_on_that_replica(
         running = streams(client, 30, 100000)  # they outlast the test: it cancels them
         on_victim = victim.metric("chargpt_running_requests")
         assert on_victim >= 1
+        # The batch-slot gauge (vLLM's kv_cache_usage_perc): running / --max-running (64).
+        assert victim.metric("chargpt_batch_slot_utilization") == on_victim / 64
         victim.proc.kill()
         victim.proc.wait(60)
         wait_until(lambda: sum(s.done for s in running) >= on_victim, timeout=120)

@@ -215,7 +215,7 @@ class TrainConfig:
                 f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
             )
         if self.overwrite and (self.resume or self.auto_resume):
-            which = "resume" if self.resume else "auto_resume"
+            which = "auto_resume" if self.auto_resume else "resume"
             raise ConfigError(f"{which} and overwrite contradict each other; pick one")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
