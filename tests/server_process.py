@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,9 +30,16 @@ def free_port() -> int:
 
 def port_free_on(hosts: list[str]) -> int:
     """A port that no socket uses on any of ``hosts`` (loopback addresses: replicas that
-    one DNS name resolves to share a port, as pods behind a headless Service do)."""
+    one DNS name resolves to share a port, as pods behind a headless Service do). It is
+    below the kernel's ephemeral range, so no outgoing connection on this busy machine
+    takes it between this check and the replicas binding it, as one may a port that
+    ``free_port`` returns (the replicas start some seconds later)."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
     while True:
-        port = free_port()
+        port = random.randrange(10000, max(10001, ephemeral))
         try:
             for host in hosts:
                 with socket.socket() as s:

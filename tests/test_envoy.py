@@ -26,7 +26,9 @@ from tests.replicas import HOSTS, NAME, Fleet, fleet, streams
 from tests.server_process import free_port, wait_until
 
 K8S_ENVOY = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "envoy" / "envoy.yaml"
-ARGS = ("--drain-delay", "3", "--drain-seconds", "300", "--max-new-tokens", "100000")
+# --drain-delay above Envoy's time to eject a NOT_SERVING replica (two failed checks,
+# 2 s apart), as in the manifests.
+ARGS = ("--drain-delay", "10", "--drain-seconds", "300", "--max-new-tokens", "100000")
 THREE = HOSTS[:3]
 
 

@@ -26,7 +26,7 @@ from tests.server_process import wait_until
 
 # A generous --drain-delay and drain: long enough for health-checking clients to hear
 # NOT_SERVING on a busy machine; the test waits for events, never for these.
-ARGS = ("--drain-delay", "3", "--drain-seconds", "300", "--max-connection-age", "3",
+ARGS = ("--drain-delay", "5", "--drain-seconds", "300", "--max-connection-age", "3",
         "--max-new-tokens", "100000")  # fmt: skip
 THREE = HOSTS[:3]
 STREAM_TIMEOUT = 300
