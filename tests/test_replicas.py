@@ -89,27 +89,20 @@ def test_streams_spread_over_every_replica(
 def test_the_command_line_clients_take_a_list_and_a_name(replicas: Fleet) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
     listed = ",".join(f"{h}:{replicas.port}" for h in THREE)
-    for command in (
-        ["health", "--server", listed, "--timeout", "30"],
-        ["health", "--server", replicas.dns_target, "--timeout", "30"],
-        [
-            "generate",
-            "ROMEO:",
-            "--server",
-            listed,
-            "--max-new-tokens",
-            "20",
-            "--seed",
-            "1",
-            "--timeout",
-            "60",
-        ],
-        ["score", "ROMEO:", "--server", replicas.dns_target, "--timeout", "60"],
-    ):
-        result = subprocess.run([sys.executable, "-m", "chargpt", *command], capture_output=True,
-                                text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip
-        assert result.returncode == 0, (command, result.stderr, replicas.logs())
-    assert "SERVING" in result.stdout or "perplexity" in result.stdout
+    before = sum(replicas.count(h) for h in THREE)
+    cases = [
+        (["health", "--server", listed], f"{listed}: SERVING"),
+        (["health", "--server", replicas.dns_target], f"{replicas.dns_target}: SERVING"),
+        (["score", "ROMEO:", "--server", replicas.dns_target], "perplexity"),
+        (["generate", "ROMEO:", "--server", listed, "--max-new-tokens", "20"], ""),
+    ]
+    for args, expected in cases:
+        result = subprocess.run([sys.executable, "-m", "chargpt", *args, "--timeout", "60"],
+                                capture_output=True, text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip
+        assert result.returncode == 0, (args, result.stderr, replicas.logs())
+        assert expected in result.stdout, (args, result.stdout)
+    assert len(result.stdout) == 20  # exactly the generated characters
+    assert sum(replicas.count(h) for h in THREE) == before + 1
 
 
 def test_a_replica_started_later_gets_calls_as_connections_age(
