@@ -34,6 +34,11 @@ from server.service import SERVICE_NAME, LanguageModelService
 from server.tls import ServerTLS, load_server_tls
 
 log = logging.getLogger(__name__)
+# A grpc.health.v1 service name that answers SERVING for as long as the process serves
+# gRPC at all, loaded model or not: for liveness probes, which must not restart a server
+# that is waiting for its first checkpoint or draining ("" and the LanguageModel service
+# say whether it takes requests: readiness).
+LIVENESS = "liveness"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 T = TypeVar("T")
 
@@ -102,6 +107,7 @@ class InferenceServer:
             self._on_model, config.reload_seconds,
         )  # fmt: skip
         self.grpc_server: grpc.aio.Server | None = None
+        self.stopping = False  # SIGTERM came: health stays NOT_SERVING whatever loads
         self.port = 0
         self.metrics_port = 0
 
@@ -124,7 +130,7 @@ class InferenceServer:
 
     def _on_model(self, served: ServedModel) -> None:
         self.service.set_model(served)
-        if not self.service.draining:
+        if not self.stopping:
             self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
 
     async def _start_grpc(self) -> int:
@@ -132,6 +138,11 @@ class InferenceServer:
         # above the engine's own admission control.
         limit = self.config.max_running + self.config.max_waiting + 64
         options = [("grpc.max_receive_message_length", self.config.receive_limit())]
+        if self.config.max_connection_age:
+            options.append(("grpc.max_connection_age_ms", ms(self.config.max_connection_age)))
+            if self.config.max_connection_age_grace:
+                grace = ms(self.config.max_connection_age_grace)
+                options.append(("grpc.max_connection_age_grace_ms", grace))
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.tokens is not None:
             interceptors.append(TokenAuthInterceptor(self.tokens, self.metrics))
@@ -144,6 +155,7 @@ class InferenceServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         address = f"{self.config.host}:{self.config.port}"
         if self.tls is None:
             port = server.add_insecure_port(address)
@@ -187,10 +199,17 @@ class InferenceServer:
         self.watcher.start()
 
     def drain(self) -> None:
-        """NOT_SERVING, refuse new calls, give in-flight ones the grace period, then stop
-        the engine (which ends whatever is left)."""
-        self.service.draining = True
+        """NOT_SERVING; keep serving new calls for ``drain_delay`` seconds while load
+        balancers and clients take this replica out; then refuse new calls, give
+        in-flight ones the grace period, and stop the engine (which ends whatever is
+        left)."""
+        self.stopping = True
         self._on_loop(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        if self.config.drain_delay:
+            log.info("NOT_SERVING; still taking new calls for %.1fs (--drain-delay)",
+                     self.config.drain_delay)  # fmt: skip
+            time.sleep(self.config.drain_delay)
+        self.service.draining = True
         deadline = time.monotonic() + self.config.drain_seconds
         running, waiting = self.engine.load()
         log.info("draining: %d running, %d waiting, up to %.1fs", running, waiting,
@@ -213,6 +232,11 @@ class InferenceServer:
         self._loop_thread.join(timeout=10)
         self.metrics.close()
         log.info("stopped")
+
+
+def ms(seconds: float) -> int:
+    """Seconds as the whole milliseconds gRPC's channel arguments take (at least 1)."""
+    return max(1, round(seconds * 1000))
 
 
 def run_until_signalled(server: InferenceServer, stop: threading.Event) -> None:

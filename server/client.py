@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import ipaddress
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -16,6 +18,85 @@ from chargpt.v1 import language_model_pb2_grpc as pb_grpc
 from server.credentials import CredentialError, read_credential
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LanguageModel"].full_name
+# Over several replicas: a call goes to the next replica that reports SERVING (gRPC's
+# round_robin with client-side health checking, proposal A17), never only the first one.
+BALANCED_OPTIONS = (
+    ("grpc.service_config", json.dumps({
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": SERVICE_NAME},
+    })),
+    ("grpc.service_config_disable_resolution", 1),  # this config, not one from DNS TXT records
+    # A name is looked up again when a connection closes (a replica gone, or closed by
+    # the server's --max-connection-age): at most once a second, not gRPC's default 30 s.
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
+)  # fmt: skip
+
+
+class TargetError(ValueError):
+    """A --server value that is not an address, a list of addresses or a dns: name."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a client connects: ``uri`` as gRPC takes it, and whether it names several
+    replicas to balance over (a list, or a ``dns:`` name, which may resolve to many)."""
+
+    uri: str
+    balanced: bool
+
+    @property
+    def options(self) -> tuple[tuple[str, Any], ...]:
+        return BALANCED_OPTIONS if self.balanced else ()
+
+
+def parse_target(server: str) -> Target:
+    """``host:port`` (one server, as always), ``dns:///name:port`` (every address the name
+    resolves to, looked up again as replicas come and go), a comma-separated list of
+    ``ip:port`` / ``[ipv6]:port``, or a gRPC ``ipv4:``/``ipv6:``/``unix:`` URI. Raises
+    TargetError naming a malformed entry."""
+    server = server.strip()
+    scheme = server.split(":", 1)[0].lower()
+    if scheme == "dns":
+        rest = server[4:]  # dns:NAME, or dns://AUTHORITY/NAME with the DNS server to ask
+        if not (rest[2:].partition("/")[2] if rest.startswith("//") else rest):
+            raise TargetError(f"--server {server!r}: a dns: target names a host, as in "
+                              "dns:///NAME:PORT")  # fmt: skip
+        return Target(server, balanced=True)
+    if scheme in ("ipv4", "ipv6", "unix", "unix-abstract"):
+        return Target(server, balanced="," in server)
+    if "," not in server:
+        if not server:
+            raise TargetError("--server is empty: give host:port")
+        return Target(server, balanced=False)
+    families = {ip_port(entry.strip()) for entry in server.split(",")}
+    if len(families) > 1:
+        raise TargetError(f"--server {server!r} mixes IPv4 and IPv6 addresses: give one kind")
+    entries = ",".join(entry.strip() for entry in server.split(","))
+    return Target(f"{families.pop()}:{entries}", balanced=True)
+
+
+def ip_port(entry: str) -> str:
+    """``ipv4`` or ``ipv6`` for an ``ip:port`` entry of a list; TargetError naming it."""
+    host, sep, port = entry.rpartition(":")
+    problem = None
+    if not entry:
+        problem = "an empty entry"
+    elif not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        problem = "no port from 1 to 65535"
+    else:
+        bracketed = host.startswith("[") and host.endswith("]")
+        try:
+            address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+        except ValueError:
+            address = None
+        if address is None or (address.version == 6) != bracketed:
+            problem = "not an IP address"
+    if problem is not None:
+        raise TargetError(
+            f"--server list entry {entry!r}: {problem}. A list takes ip:port or [ipv6]:port "
+            "entries; for a name with several addresses give dns:///NAME:PORT"
+        )
+    return "ipv6" if host.startswith("[") else "ipv4"
 
 
 @dataclass(frozen=True)
@@ -48,9 +129,9 @@ class ClientTLS:
             server_name=server_name,
         )
 
-    def channel(self, target: str) -> grpc.Channel:
+    def channel(self, target: str, options: Iterable[tuple[str, Any]] = ()) -> grpc.Channel:
         credentials = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
-        options: list[tuple[str, str]] = []
+        options = list(options)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         return grpc.secure_channel(target, credentials, options=options)
@@ -59,6 +140,9 @@ class ClientTLS:
 class LanguageModelClient:
     """``with LanguageModelClient("localhost:50051") as client: client.generate_text("ROMEO:")``
 
+    ``target`` is one server, or several replicas (``parse_target``): a comma-separated
+    list of ``ip:port`` or a ``dns:///name:port``, whose calls are spread over the
+    replicas that report SERVING (a ValueError, TargetError, for a malformed one).
     ``tls`` connects over TLS (plain text without it); ``token`` is sent with every call
     as ``authorization: Bearer <token>`` metadata, also by stubs made on ``.channel``.
     """
@@ -73,7 +157,12 @@ class LanguageModelClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        channel = tls.channel(target) if tls is not None else grpc.insecure_channel(target)
+        parsed = parse_target(target)
+        channel = (
+            tls.channel(parsed.uri, parsed.options)
+            if tls is not None
+            else grpc.insecure_channel(parsed.uri, options=parsed.options)
+        )
         if token:
             channel = grpc.intercept_channel(channel, BearerToken(token))
         self.channel = channel

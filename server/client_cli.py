@@ -29,7 +29,7 @@ import grpc
 
 from chargpt.settings import InputError, option
 from chargpt.v1 import language_model_pb2 as pb
-from server.client import ClientTLS, LanguageModelClient
+from server.client import ClientTLS, LanguageModelClient, TargetError, parse_target
 from server.credentials import CredentialError, read_tokens
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,7 +65,12 @@ class Connection:
         tls_server_name: str | None,
         token_file: str | None,
     ) -> Connection:
-        """Any TLS option means TLS; a file that cannot be read is an InputError."""
+        """Any TLS option means TLS; a file that cannot be read, or a malformed
+        ``server``, is an InputError."""
+        try:
+            parse_target(server)
+        except TargetError as exc:
+            raise InputError(str(exc)) from None
         try:
             tls = None
             if any(value is not None for value in (tls_ca, tls_cert, tls_key, tls_server_name)):
@@ -156,7 +161,10 @@ def connection_options(func: F) -> F:
 
     path = click.Path(dir_okay=False)
     decorators = [
-        option("--server", default="localhost:50051", help="host:port of the server."),
+        option("--server", default="localhost:50051",
+               help="host:port of the server; or replicas to spread calls over, those "
+               "that report SERVING: dns:///NAME:PORT (every address of NAME, looked up "
+               "again as they change) or a comma-separated list of ip:port."),
         option("--tls-ca", type=path, default=None,
                help="PEM CA certificate(s) that signed the server's certificate: connect "
                "over TLS. Any --tls-* option means TLS; without this one the system's CAs "
@@ -303,7 +311,7 @@ def score(
 )
 def health(connection: Connection, service: str, timeout: float, wait: float) -> int:
     """Ask grpc.health.v1 (open to callers without a token); exit 0 only if the server
-    answers SERVING."""
+    answers SERVING (over several replicas: if one of them does, the one asked)."""
     server = connection.server
     deadline = time.monotonic() + wait
     with connection.client(timeout) as client:

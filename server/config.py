@@ -11,6 +11,7 @@ from chargpt.settings import REQUIRED, check_settings, setting
 
 UTF8_MAX_BYTES = 4
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_CONNECTION_SECONDS = 2_000_000  # about 23 days: gRPC takes milliseconds in a C int
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,28 @@ class ServerConfig:
     )
     drain_seconds: float = setting(
         10.0, "On SIGTERM: how long in-flight requests may take to finish.", minimum=0
+    )
+    drain_delay: float = setting(
+        0.0,
+        "On SIGTERM: report NOT_SERVING but keep serving new calls for this many seconds "
+        "first, so that load balancers, endpoints and health-checking clients stop "
+        "sending; then drain (--drain-seconds).",
+        minimum=0,
+    )
+    max_connection_age: float = setting(
+        0.0,
+        "Close each client connection (gracefully, by GOAWAY) after about this many "
+        "seconds, so long-lived clients re-resolve the server's name and find new "
+        "replicas (0 = never).",
+        minimum=0,
+        maximum=MAX_CONNECTION_SECONDS,
+    )
+    max_connection_age_grace: float = setting(
+        0.0,
+        "How long calls in flight on a connection closed by --max-connection-age may "
+        "still run (0 = until they finish).",
+        minimum=0,
+        maximum=MAX_CONNECTION_SECONDS,
     )
     log_level: str = setting(
         "info", "Log verbosity (to stderr).", choices=("debug", "info", "warning", "error")

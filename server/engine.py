@@ -196,6 +196,7 @@ class Engine:
     def _update_gauges(self) -> None:
         self.metrics.running.set(len(self._running))
         self.metrics.waiting.set(len(self._waiting) + len(self._scores))
+        self.metrics.batch_slots_used.set(len(self._running) / self.max_running)
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -430,6 +431,7 @@ class Engine:
         self._outbox.append((generation, generation.finished_event(reason, self.clock())))
         self.metrics.finished.labels(reason.value).inc()
         self.metrics.running.set(len(self._running))
+        self.metrics.batch_slots_used.set(len(self._running) / self.max_running)
 
 
 def _by_model(items: list[T], generation: Callable[[T], Generation]) -> list[list[T]]:

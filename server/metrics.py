@@ -81,6 +81,12 @@ class ServerMetrics:
             "chargpt_waiting_requests", "Requests admitted to the queue, not yet running.",
             registry=self.registry,
         )  # fmt: skip
+        self.batch_slots_used = Gauge(
+            "chargpt_batch_slot_utilization",
+            "Fraction of the batch's slots (each with its KV-cache rows) in use: running "
+            "generations / --max-running, 0 to 1.",
+            registry=self.registry,
+        )  # fmt: skip
 
     def _init_generation(self) -> None:
         self.time_to_first_token = self._histogram(

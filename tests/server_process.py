@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,6 +29,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_free_on(hosts: list[str]) -> int:
+    """A port that no socket uses on any of ``hosts`` (loopback addresses: replicas that
+    one DNS name resolves to share a port, as pods behind a headless Service do). It is
+    below the kernel's ephemeral range, so no outgoing connection on this busy machine
+    takes it between this check and the replicas binding it, as one may a port that
+    ``free_port`` returns (the replicas start some seconds later)."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    while True:
+        port = random.randrange(10000, max(10001, ephemeral))
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
 
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
@@ -59,17 +81,20 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         tls: ClientTLS | None = None,
         token: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
     ) -> None:
         self.checkpoint = checkpoint
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.args = args
         self.wait_serving = wait_serving
         self.extra_env = env or {}
         self.tls = tls
         self.token = token
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = checkpoint.parent / f"server-{self.port}.log"
+        self.target = f"{host}:{self.port}"
+        self.log_path = checkpoint.parent / f"server-{host}-{self.port}.log"
 
     def connect(
         self, timeout: float = 60, tls: ClientTLS | None = SAME, token: str | None = SAME
@@ -87,7 +112,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "chargpt", "serve", "--checkpoint", str(self.checkpoint),
-                "--host", "127.0.0.1", "--port", str(self.port),
+                "--host", self.host, "--port", str(self.port),
                 "--metrics-port", str(self.metrics_port), "--reload-seconds", "0.2", *self.args,
             ],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -125,7 +150,7 @@ class ServerProcess:
         return self.log_path.read_text()
 
     def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        url = f"http://{self.host}:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=60) as response:
             return response.read().decode()
 

@@ -8,6 +8,8 @@ nothing non-finite saved.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from click.core import ParameterSource
 
@@ -18,6 +20,7 @@ from trainer.distributed import Distributed
 from trainer.errors import RunError, TrainError
 from trainer.presets import read_preset
 from trainer.resume import resume_config
+from trainer.state import RunFiles
 from trainer.train import TrainResult, run_training
 
 
@@ -38,17 +41,18 @@ def train(ctx: click.Context, config: str | None, **settings: object) -> int:
 
     Every setting can come from a flag, a --config file, a CHARGPT_* environment
     variable or a --preset, in that order of precedence. --resume continues the run in
-    --out-dir with its own settings; give only those to change. Data-parallel: torchrun
-    --nproc_per_node N --no-python chargpt train ...
+    --out-dir with its own settings; give only those to change; --auto-resume does so
+    only when there is a checkpoint. Data-parallel: torchrun --nproc_per_node N
+    --no-python chargpt train ...
     """
     try:
-        if settings["resume"]:
+        if settings["resume"] or (settings["auto_resume"] and has_checkpoint(settings)):
             given = {
                 name
                 for name in settings
                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
             }
-            cfg = resume_config(settings, given)
+            cfg = resume_config({**settings, "resume": True}, given)
         else:
             cfg = build(TrainConfig, settings)
         result = run_training(cfg)
@@ -59,6 +63,12 @@ def train(ctx: click.Context, config: str | None, **settings: object) -> int:
     if Distributed.from_env().is_main:
         report_end(result)
     return 130 if result.stopped_by == "SIGINT" else 0
+
+
+def has_checkpoint(settings: dict[str, object]) -> bool:
+    """Whether the --out-dir of ``settings`` holds a run's checkpoint to continue (every
+    rank looks: the run directory is shared by all of them)."""
+    return RunFiles(Path(str(settings["out_dir"]))).resume.exists()
 
 
 def report_end(result: TrainResult) -> None:

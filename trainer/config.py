@@ -31,7 +31,7 @@ RUN_FIELDS = (*ARCHITECTURE_FIELDS, "batch_size", "grad_accum_steps", "seed", "o
 # resumes at: the schedule and the optimizer's settings (set on its parameter groups),
 # dropout, evaluation, the length of the run, its name, where and how it runs. Not
 # settings of the run at all: whether to resume or overwrite.
-NOT_RECORDED = ("resume", "overwrite")
+NOT_RECORDED = ("resume", "auto_resume", "overwrite")
 
 
 class ConfigError(ValueError):
@@ -194,6 +194,12 @@ class TrainConfig:
         300, "Characters to sample from the best model at the end (0 = none).", minimum=0
     )
     resume: bool = setting(False, "Continue the run in --out-dir exactly where it stopped.")
+    auto_resume: bool = setting(
+        False,
+        "--resume if --out-dir holds a checkpoint (resume.pt), else start a new run: for "
+        "jobs that are restarted (torchrun --max-restarts, a Kubernetes Job), which then "
+        "continue by themselves.",
+    )
     overwrite: bool = setting(
         False, "Start a new run in an --out-dir that already holds one, replacing it."
     )
@@ -208,8 +214,9 @@ class TrainConfig:
             raise ConfigError(
                 f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
             )
-        if self.resume and self.overwrite:
-            raise ConfigError("resume and overwrite contradict each other; pick one")
+        if self.overwrite and (self.resume or self.auto_resume):
+            which = "auto_resume" if self.auto_resume else "resume"
+            raise ConfigError(f"{which} and overwrite contradict each other; pick one")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The architecture these settings describe, for a vocabulary of ``vocab_size``."""

@@ -288,6 +288,13 @@ def check_run_dir(files: RunFiles, cfg: TrainConfig) -> None:
         ) from None
     if cfg.resume and not files.resume.exists():
         raise TrainError(f"--resume: no run to resume in {cfg.out_dir} ({files.resume} is missing)")
+    if cfg.auto_resume and not cfg.resume and files.model.exists():
+        raise TrainError(
+            f"--auto-resume: {cfg.out_dir} holds model.safetensors but no checkpoint to "
+            f"continue ({files.resume} is missing): a run stopped before its first "
+            f"checkpoint completed, or another model; move it away, or start over with "
+            f"--overwrite instead of --auto-resume"
+        )
     if not cfg.resume and not cfg.overwrite and (files.model.exists() or files.resume.exists()):
         raise TrainError(
             f"{cfg.out_dir} already holds a run; pass --resume to continue it or "
