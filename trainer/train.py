@@ -103,6 +103,7 @@ def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainRes
             finally:
                 stop.loop_ended()
                 run.report.close()
+                run.unwrap()
         return finish(run, stopped_by, stop)
     finally:
         stop.uninstall()
@@ -194,6 +195,14 @@ class Run:
     saved_step: int | None  # the step of the last checkpoint that landed (resume.pt)
     exact_val_loss: float | None = None  # over the whole split, at the end of the run
 
+    def unwrap(self) -> None:
+        """Let go of DDP (and the compiled wrapper), which hold the process group: when
+        ``process_group()`` then destroys it, this process's last reference to the group
+        is torch's own, whose release joins gloo's threads without the GIL. Released by
+        DDP instead, later, the GIL held, the join waits forever for a gloo thread that
+        needs the GIL to let go of a finished collective's tensor."""
+        self.train_model, self.no_sync = self.model, contextlib.nullcontext
+
 
 def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
     """Everything before the first step. Bad input raises TrainError (or DataError)
@@ -212,14 +221,6 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
     if resumed is not None:
         state = resumed
         changes = restore(state, cfg, model, optimizer, sampler, device, dist)
-    train_model: torch.nn.Module = model
-    if dist.enabled:
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:
-        train_model = torch.compile(train_model)  # type: ignore[assignment]
-
     report = start_report(cfg, dist, device, files, state, progress)
     dist.on_main(lambda: tidy_run_dir(files, cfg, resumed), (RunError,))
     report.line(
@@ -233,6 +234,7 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
         report.line(f"resumed with {name} {now} (was {before})")
     for warning in cfg.warnings():
         report.line(f"note: {warning}")
+    train_model = wrapped_for_training(model, cfg, dist, device)  # last: nothing raises after it
     return Run(
         cfg=cfg,
         dist=dist,
@@ -251,6 +253,20 @@ def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
         losses=LossWatch(device, 1 if device.type == "cpu" and not dist.enabled else SYNC_INTERVAL),
         saved_step=None if resumed is None else state.step,
     )
+
+
+def wrapped_for_training(
+    model: GPT, cfg: TrainConfig, dist: Distributed, device: torch.device
+) -> torch.nn.Module:
+    """``model`` as the loop trains it: under DDP with torchrun, compiled with --compile."""
+    train_model: torch.nn.Module = model
+    if dist.enabled:
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
+    return train_model
 
 
 def setup_device(
