@@ -12,13 +12,14 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
 from chargpt.checkpoint import read_checkpoint
-from tests.conftest import REPO, TINY_MODEL, run_chargpt
+from tests.conftest import PROCESS_TAG, REPO, TINY_MODEL, kill_tagged, run_chargpt
 from tests.server_process import free_port
 
 needs_torchrun = pytest.mark.skipif(
@@ -55,20 +56,23 @@ def run_together(commands: dict[str, list[str]], tmp: Path) -> dict[str, tuple[i
     """Every command at once; each one's exit code and output. Past a generous deadline
     all are killed and the test fails with their output."""
     logs = {name: tmp / f"{name}.log" for name in commands}
+    tag = uuid.uuid4().hex  # the agents' workers too: they run in sessions of their own
     procs = {}
     for name, command in commands.items():
         with logs[name].open("w") as log:
             procs[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                           env=agent_env(), cwd=REPO)  # fmt: skip
+                                           env={**agent_env(), PROCESS_TAG: tag}, cwd=REPO)  # fmt: skip
     deadline = time.monotonic() + 900
     try:
         for proc in procs.values():
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
+        kill_tagged(tag)
         for proc in procs.values():
-            proc.kill()
             proc.wait()
         pytest.fail("\n".join(f"--- {n}:\n{logs[n].read_text()[-4000:]}" for n in commands))
+    finally:
+        kill_tagged(tag)
     return {name: (proc.returncode, logs[name].read_text()) for name, proc in procs.items()}
 
 
