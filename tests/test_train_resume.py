@@ -13,13 +13,16 @@ import pytest
 import torch
 
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
-from tests.test_train_cli import DDP_ARGS, needs_torchrun, torchrun, train_args
 from tests.training import (
+    DDP_ARGS,
     TINY,
     chargpt,
     files_of,
+    needs_torchrun,
     no_settings_in_the_environment,
     sigterm_after_step,
+    torchrun,
+    train_args,
 )
 from trainer.config import TrainConfig
 from trainer.progress import Progress

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 
 import trainer.train
 from chargpt.cli import main
+from tests.conftest import REPO, TINY_MODEL, chargpt_env, run_process
 
 TINY = [
     "--n-layer=1", "--n-head=2", "--n-embd=16", "--block-size=8", "--batch-size=4",
@@ -64,3 +67,21 @@ def sigterm_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
         return loss
 
     monkeypatch.setattr(trainer.train, "train_step", train_step_then_signal)
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out-dir", str(out), *TINY_MODEL, *extra]
+
+
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None, reason="torchrun not installed"
+)
+DDP_ARGS = ["--max-iters", "30", "--eval-interval", "15", "--device", "cpu"]
+
+
+def torchrun(*command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` (a module and its arguments) in two CPU processes under torchrun."""
+    return run_process(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", *command], chargpt_env(),
+        cwd=REPO,
+    )  # fmt: skip
