@@ -26,8 +26,8 @@ import grpc
 from grpc_health.v1 import health
 
 from server.credentials import CredentialError, read_tokens
+from server.errors import RequestError
 from server.metrics import ServerMetrics
-from server.service import RequestError
 from server.watch import Poller, file_signature
 
 log = logging.getLogger(__name__)

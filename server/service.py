@@ -26,12 +26,12 @@ from google.protobuf.message import DecodeError, Message
 
 from chargpt.v1 import language_model_pb2 as pb
 from server.engine import Engine, EngineStoppedError, OverloadedError, ServedModel
+from server.errors import RequestError
 from server.metrics import REJECTIONS, ServerMetrics
 from server.requests import Chunk, Event, Finished, FinishReason, TokenDetail
 from server.validation import (
     InvalidRequestError,
     Limits,
-    bounded,
     validate_generate,
     validate_score,
 )
@@ -43,20 +43,6 @@ SUMMARY_REASONS = {
     FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
 }
 T = TypeVar("T")
-
-
-class RequestError(Exception):
-    """End the call with ``code``. ``reason`` (one word) travels in the ``chargpt-reason``
-    trailing metadata, and ``field`` (for invalid requests) in ``chargpt-field``, so that
-    clients can tell errors apart without reading the message, which is bounded."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str, field: str = "") -> None:
-        super().__init__(bounded(message))
-        self.code, self.reason, self.field = code, reason, field
-
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        extra = (("chargpt-field", self.field),) if self.field else ()
-        return (("chargpt-reason", self.reason), *extra)
 
 
 @dataclass(frozen=True)

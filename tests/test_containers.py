@@ -21,33 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.client import LanguageModelClient
 from tests.conftest import REPO, TINY_MODEL, TINY_SHAKESPEARE
+from tests.container_files import (
+    compose_service,
+    entrypoint,
+    healthcheck_command,
+    interpolate,
+)
 from tests.server_process import ServerProcess, free_port, wait_until
-
-BIN = Path(sys.executable).parent
-
-
-def dockerfile_instruction(name: str) -> str:
-    """The (continuation-joined) argument of the last ``name`` instruction."""
-    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
-    found = re.findall(rf"^{name}\s+(.*)$", text, flags=re.MULTILINE)
-    assert found, name
-    return found[-1]
-
-
-def entrypoint() -> list[str]:
-    argv = json.loads(dockerfile_instruction("ENTRYPOINT"))
-    assert argv == ["chargpt"]
-    return [str(BIN / argv[0])]  # the same console script, from this environment
-
-
-def compose_service(name: str) -> dict[str, Any]:
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    return compose["services"][name]
-
-
-def interpolate(value: str) -> str:
-    """Compose's ${VAR:-default} with nothing set in the environment."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
 
 
 def local_environment(service: dict[str, Any], mounts: dict[str, Path]) -> dict[str, str]:
@@ -159,14 +139,6 @@ def test_every_dashboard_and_rule_metric_is_exported(trained_run: Path, tmp_path
 
     missing = used - server_names - trainer_names
     assert not missing, f"dashboard or rules use metrics nobody exports: {sorted(missing)}"
-
-
-def healthcheck_command(target: str) -> list[str]:
-    """The Dockerfile's HEALTHCHECK command, pointed at ``target`` instead of :50051."""
-    spec = dockerfile_instruction("HEALTHCHECK")
-    argv = json.loads(spec[spec.index("CMD") + 3 :].strip())
-    assert "127.0.0.1:50051" in argv
-    return entrypoint() + [target if a == "127.0.0.1:50051" else a for a in argv[1:]]
 
 
 @pytest.mark.parametrize("state", ["serving", "not serving", "absent"])

@@ -14,8 +14,13 @@ import torch
 import trainer.train
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
 from chargpt.model import GPT
-from tests.test_train_guards import TINY, chargpt, files_of, no_settings_in_the_environment
-from tests.test_train_resume import sigterm_after_step
+from tests.training import (
+    TINY,
+    chargpt,
+    files_of,
+    no_settings_in_the_environment,
+    sigterm_after_step,
+)
 from trainer.config import TrainConfig
 from trainer.optim import Optimizers
 from trainer.presets import PRESETS, read_preset

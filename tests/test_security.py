@@ -23,8 +23,8 @@ from chargpt.v1 import language_model_pb2 as pb
 from server.client import ClientTLS
 from tests.certificates import CertificateAuthority, Identity
 from tests.conftest import REPO, run_chargpt, run_process
+from tests.container_files import healthcheck_command, interpolate
 from tests.server_process import ServerProcess, wait_until
-from tests.test_containers import healthcheck_command, interpolate
 
 
 @dataclass(frozen=True)

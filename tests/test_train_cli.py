@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +12,10 @@ import pytest
 import torch
 
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
-from tests.conftest import REPO, TINY_MODEL, chargpt_env, run_chargpt, run_process
+from tests.conftest import REPO, chargpt_env, run_chargpt, run_process
 from tests.threads_at_exit import AFTER_DESTROY, AT_EXIT, REPORT
+from tests.training import DDP_ARGS, needs_torchrun, torchrun, train_args
 from trainer.state import load_train_state
-
-
-def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out-dir", str(out), *TINY_MODEL, *extra]
 
 
 def test_train_checkpoint_sample_and_info(trained_run: Path, small_text_file: Path) -> None:
@@ -262,20 +258,6 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(
     assert [(r["step"], r["val_loss"]) for r in logs[0]] == [
         (r["step"], r["val_loss"]) for r in logs[1]
     ]
-
-
-needs_torchrun = pytest.mark.skipif(
-    shutil.which("torchrun") is None, reason="torchrun not installed"
-)
-DDP_ARGS = ["--max-iters", "30", "--eval-interval", "15", "--device", "cpu"]
-
-
-def torchrun(*command: str) -> subprocess.CompletedProcess[str]:
-    """``command`` (a module and its arguments) in two CPU processes under torchrun."""
-    return run_process(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", *command], chargpt_env(),
-        cwd=REPO,
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -4,53 +4,25 @@ in a subprocess where a signal must arrive."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
 import urllib.error
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from chargpt.cli import main
 from tests.conftest import REPO, chargpt_env, run_process
+from tests.training import (
+    TINY,
+    chargpt,
+    files_of,
+    no_settings_in_the_environment,
+    strict_json_lines,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-TINY = [
-    "--n-layer=1", "--n-head=2", "--n-embd=16", "--block-size=8", "--batch-size=4",
-    "--eval-batch-size=64", "--sample-length=0", "--eval-interval=2", "--warmup-iters=2",
-    "--device=cpu",
-]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def no_settings_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("CHARGPT_"):
-            monkeypatch.delenv(name)
-
-
-def chargpt(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The exit code, stdout and stderr of ``chargpt ARGS``, run in this process."""
-    with pytest.raises(SystemExit) as exited:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(exited.value.code or 0), out, err
-
-
-def files_of(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-def strict_json_lines(path: Path) -> list[dict[str, Any]]:
-    def refuse(constant: str) -> None:
-        raise ValueError(f"{constant} is not JSON")
-
-    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+__all__ = ["no_settings_in_the_environment"]  # autouse here
 
 
 @pytest.fixture

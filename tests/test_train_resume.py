@@ -5,19 +5,25 @@ exactly."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-import trainer.train
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
-from tests.test_train_cli import DDP_ARGS, needs_torchrun, torchrun, train_args
-from tests.test_train_guards import TINY, chargpt, files_of, no_settings_in_the_environment
+from tests.training import (
+    DDP_ARGS,
+    TINY,
+    chargpt,
+    files_of,
+    needs_torchrun,
+    no_settings_in_the_environment,
+    sigterm_after_step,
+    torchrun,
+    train_args,
+)
 from trainer.config import TrainConfig
 from trainer.progress import Progress
 from trainer.train import run_training
@@ -147,23 +153,6 @@ def test_two_micro_batches_train_like_one_batch_twice_as_large(
         str(step * 2 * 4 * 8)
         for step in (2, 4, 6)  # steps x micro-batches x batch x block
     ]
-
-
-def sigterm_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """The next run in this process gets SIGTERM (its own handler: stop after this step)
-    right after optimizer step ``step``; ``monkeypatch.undo()`` ends it."""
-    steps = 0
-    train_step = trainer.train.train_step
-
-    def train_step_then_signal(*args: Any) -> torch.Tensor:
-        nonlocal steps
-        loss = train_step(*args)
-        steps += 1
-        if steps == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-
-    monkeypatch.setattr(trainer.train, "train_step", train_step_then_signal)
 
 
 def test_a_run_with_micro_batches_stopped_mid_run_resumes_exactly(
