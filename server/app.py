@@ -26,10 +26,11 @@ from grpc_reflection.v1alpha import reflection
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
 from server.auth import TokenAuthInterceptor, TokenFile
 from server.config import ServerConfig
-from server.engine import Engine, ServedModel, deliver_directly
+from server.engine import Engine, deliver_directly
 from server.metrics import ServerMetrics
 from server.model_loader import ModelWatcher
 from server.requests import Event, Generation
+from server.served import ServedModel
 from server.service import SERVICE_NAME, LanguageModelService
 from server.tls import ServerTLS, load_server_tls
 

@@ -1,5 +1,5 @@
-"""Serving one loaded model: cache slots, packing rows, and choosing for each row whether
-it appends to its KV cache or recomputes a window. The transformer itself is
+"""Serving one loaded model: cache slots, and packing rows into forward passes (rows that
+append to their KV cache; rows that recompute a window; prompt chunks). The transformer itself is
 ``chargpt.model.GPT.forward``; this module only feeds it.
 
 A sequence's keys and values live in a cache slot: per layer, ``context`` positions
@@ -20,21 +20,11 @@ so a decode step over every cached sequence attends to a view of the cache, not 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from chargpt.model import GPT
-
-if TYPE_CHECKING:
-    from server.requests import ScoreJob
-
-
-class Tokens(Protocol):
-    """A sequence as the decoder sees it: an id and its tokens so far."""
-
-    id: int
-    tokens: list[int]
+from server.served import Row, ScoreWork
 
 
 class SlotCache:
@@ -130,7 +120,10 @@ class ChunkView:
 
 
 class Decoder:
-    """The serving forward passes of one loaded model (inference only)."""
+    """The serving forward passes of one loaded model (inference only). It executes the
+    engine's plan: which rows append to their cache and which recompute a window is the
+    schedule's decision (``server.served.decodes_from_cache``), and how far each row is
+    computed is the row's own ``computed`` count, which the engine advances."""
 
     def __init__(self, model: GPT, slots: int) -> None:
         self.model = model
@@ -138,88 +131,55 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.cache = SlotCache(model, slots)
         self.slot_of: dict[int, int] = {}
-        self.cached: dict[int, int] = {}  # sequence id -> positions processed into its slot
         self._score_caches: dict[int, tuple[SlotCache, int]] = {}
 
     # ---- sequences -------------------------------------------------------------------
 
-    def start(self, seq: Tokens) -> None:
-        """Take a slot for a new sequence if it will decode from the cache."""
-        if self.config.attention_window or len(seq.tokens) <= self.config.block_size:
-            slot = self.cache.allocate(seq.id)
-            if slot is None:
-                raise RuntimeError("no free cache slot (more sequences than --max-running)")
-            self.slot_of[seq.id] = slot
-            self.cached[seq.id] = 0
+    def start(self, seq: Row) -> None:
+        """Take a cache slot for a sequence that will decode from the cache."""
+        slot = self.cache.allocate(seq.id)
+        if slot is None:
+            raise RuntimeError("no free cache slot (more sequences than --max-running)")
+        self.slot_of[seq.id] = slot
 
     def release(self, seq_id: int) -> None:
         slot = self.slot_of.pop(seq_id, None)
-        self.cached.pop(seq_id, None)
         if slot is not None:
             moved = self.cache.release(slot)
             if moved is not None:
                 self.slot_of[moved] = slot
 
-    def pending(self, seq: Tokens) -> int:
-        """Positions to process before ``seq`` can decode its next character one position
-        at a time: 0 for a sequence that recomputes windows."""
-        if seq.id not in self.slot_of:
-            return 0
-        pending = len(seq.tokens) - self.cached[seq.id]
-        return 0 if pending == 1 else pending
-
-    def cost(self, seq: Tokens) -> int:
-        """Positions one decode step of ``seq`` computes."""
-        return 1 if seq.id in self.slot_of else self.config.block_size
-
     # ---- forward passes --------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, chunks: Sequence[tuple[Tokens, int]]) -> list[torch.Tensor | None]:
-        """Process the next ``count`` (at most all) pending positions of each sequence into
-        its slot; chunks of the same length share one forward. For each sequence whose
-        last position is now done, the logits (vocab,) for the character after it."""
+    def prefill(self, chunks: Sequence[tuple[Row, int]]) -> list[torch.Tensor | None]:
+        """Process positions ``computed .. computed + count`` of each sequence into its
+        slot; chunks of the same length share one forward. For each sequence whose last
+        position is now done, the logits (vocab,) for the character after it."""
         out: list[torch.Tensor | None] = [None] * len(chunks)
         by_length: dict[int, list[int]] = {}
         for i, (seq, count) in enumerate(chunks):
-            count = min(max(1, count), len(seq.tokens) - self.cached[seq.id])
+            if not 1 <= count <= len(seq.tokens) - seq.computed:
+                raise ValueError(
+                    f"chunk of {count} positions for a sequence with "
+                    f"{len(seq.tokens) - seq.computed} pending"
+                )
             by_length.setdefault(count, []).append(i)
         for count, rows in by_length.items():
             seqs = [chunks[i][0] for i in rows]
-            starts = [self.cached[s.id] for s in seqs]
+            starts = [s.computed for s in seqs]
             view = ChunkView(self.cache, [self.slot_of[s.id] for s in seqs], starts, count)
             ids = [s.tokens[a : a + count] for s, a in zip(seqs, starts, strict=True)]
             logits = self._forward(ids, view, last_only=True)
             for i, seq, start, row in zip(rows, seqs, starts, logits, strict=True):
-                self.cached[seq.id] = start + count
                 if start + count == len(seq.tokens):
                     out[i] = row[-1]
         return out
 
     @torch.inference_mode()
-    def decode(self, seqs: Sequence[Tokens]) -> torch.Tensor:
+    def decode(self, seqs: Sequence[Row]) -> torch.Tensor:
         """Logits (len(seqs), vocab) for the character after each sequence, whose newest
-        token is the only one not yet processed."""
-        out: list[torch.Tensor | None] = [None] * len(seqs)
-        cached, windows = [], []
-        crop = not self.config.attention_window
-        for i, seq in enumerate(seqs):
-            if crop and seq.id in self.slot_of and len(seq.tokens) > self.config.block_size:
-                self.release(seq.id)  # the text outgrew the block: windows from now on
-            (cached if seq.id in self.slot_of else windows).append(i)
-        if cached:
-            logits = self._decode_cached([seqs[i] for i in cached])
-            for j, i in enumerate(cached):
-                out[i] = logits[j]
-        if windows:
-            block = self.config.block_size
-            ids = torch.tensor([seqs[i].tokens[-block:] for i in windows], device=self.device)
-            logits, _ = self.model(ids, last_only=True)
-            for j, i in enumerate(windows):
-                out[i] = logits[j, -1]
-        return torch.stack(out)  # type: ignore[arg-type]
-
-    def _decode_cached(self, seqs: list[Tokens]) -> torch.Tensor:
+        token is the only one not yet in its slot: one position each, appended."""
         slots = torch.tensor([self.slot_of[s.id] for s in seqs], device=self.device)
         order = torch.argsort(slots)
         ends = [len(s.tokens) for s in seqs]
@@ -229,9 +189,16 @@ class Decoder:
         full = bool(self.config.attention_window) and min(ends) >= self.cache.width
         view = DecodeView(self.cache, slots[order], positions[order], full)
         logits, _ = self.model(tokens[order, None], kv_cache=view)
-        for s in seqs:
-            self.cached[s.id] = len(s.tokens)
         return logits[torch.argsort(order), -1]
+
+    @torch.inference_mode()
+    def recompute(self, seqs: Sequence[Row]) -> torch.Tensor:
+        """Logits (len(seqs), vocab) of each sequence's last ``block_size`` characters from
+        position 0 (the lecture's crop): every row has exactly that many, so no padding."""
+        block = self.config.block_size
+        ids = torch.tensor([s.tokens[-block:] for s in seqs], device=self.device)
+        logits, _ = self.model(ids, last_only=True)
+        return logits[:, -1]
 
     def _forward(self, ids: list[list[int]], view: ChunkView, last_only: bool) -> torch.Tensor:
         idx = torch.tensor(ids, device=self.device)
@@ -241,10 +208,10 @@ class Decoder:
     # ---- scoring ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]:
+    def score(self, job: ScoreWork, budget: int) -> tuple[list[float], int]:
         """Log-probabilities of the next targets of ``job`` (each given everything before
         it, under the model's semantics), and the positions computed: about ``budget``."""
-        ids, first, target = job.params.ids, job.params.first_target, job.next_target
+        ids, first, target = job.ids, job.first_target, job.next_target
         if self.config.attention_window:
             return self._score_through_cache(job.id, ids, first, budget)
         block = self.config.block_size

@@ -4,14 +4,19 @@ RPC handlers validate a request, ``submit`` it, and relay what the engine puts o
 request's event queue. Each iteration of the loop is three steps, in vLLM's shape:
 
 - ``schedule``: retire cancelled and expiring requests, admit waiting ones (continuous
-  batching: rows join and leave the running batch at every step), and share the
-  iteration's compute, counted in positions, between decoding (one position per cached
-  row, a window per row that recomputes one), prompt processing (chunked prefill) and a
-  slice of pending ``Score`` work, so that neither long prompts nor long Scores starve the
-  streams;
-- ``execute``: the forward passes, per served model (``server/decoder.py``);
+  batching: rows join and leave the running batch at every step), decide for each row
+  whether it appends one position to its KV cache or recomputes a window
+  (``server.served.decodes_from_cache``), and share the iteration's compute, counted in
+  positions, between decoding (one position per cached row, a block per window row),
+  prompt processing (chunked prefill) and a slice of pending ``Score`` work, so that
+  neither long prompts nor long Scores starve the streams;
+- ``execute``: the forward passes the plan names, per served model
+  (``server/decoder.py``, which decides nothing), advancing each row's computed count;
 - ``update``: sample every row's next character in one vectorised draw, release
-  characters past stop-sequence hold-back, and finish what is done.
+  characters past stop-sequence hold-back, and finish what is done (Scores included).
+
+Each request's state (status, computed positions, cached or not) lives on the request
+(``server/requests.py``), as in vLLM; the decoder only owns cache slots.
 
 A failure while sampling or streaming a row ends that row's request alone; a failed
 forward pass ends the requests it computed (one model's decode batch, or its prompt
@@ -28,11 +33,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import torch
 
-from chargpt.checkpoint import LoadedModel
 from chargpt.sampling import sample
 from server.metrics import ServerMetrics
 from server.requests import (
@@ -43,8 +47,10 @@ from server.requests import (
     Generation,
     ScoreJob,
     ScoreParams,
+    Status,
     TokenDetail,
 )
+from server.served import ServedModel, decodes_from_cache
 
 log = logging.getLogger(__name__)
 
@@ -63,35 +69,6 @@ class EngineStoppedError(Exception):
     """The engine is shutting down."""
 
 
-class Decoder(Protocol):
-    """The forward passes of one model (``server.decoder.Decoder``; a fake in tests)."""
-
-    def start(self, seq: Generation) -> None: ...
-    def release(self, seq_id: int) -> None: ...
-    def pending(self, seq: Generation) -> int: ...
-    def cost(self, seq: Generation) -> int: ...
-    def prefill(self, chunks: list[tuple[Generation, int]]) -> list[torch.Tensor | None]: ...
-    def decode(self, seqs: list[Generation]) -> torch.Tensor: ...
-    def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]: ...
-    def finish_score(self, job_id: int) -> None: ...
-
-
-@dataclass
-class ServedModel:
-    """A verified model on its device, with its serving forward passes."""
-
-    loaded: LoadedModel
-    path: str
-    device: torch.device
-    dtype: torch.dtype
-    loaded_at: float
-    decoder: Decoder
-
-    @property
-    def vocab(self) -> tuple[str, ...]:
-        return self.loaded.tokenizer.vocab
-
-
 @dataclass(frozen=True)
 class Budget:
     """How many positions an iteration computes besides decoding: as many as decoding
@@ -107,11 +84,28 @@ class Budget:
 
 @dataclass
 class StepPlan:
+    """What one iteration computes, decided by ``schedule`` alone: the decoder executes it.
+
+    ``decode``: rows that append their newest position to their KV cache (one position
+    each); ``windows``: rows that recompute their last ``block_size`` characters (a model
+    with the lecture's crop, past the block); ``prefill``: prompt chunks (row, positions);
+    ``score``: a Score job and the positions its slice may use."""
+
     decode: list[Generation] = field(default_factory=list)
-    decode_positions: int = 0  # one per row that appends to its cache, a block per window
+    windows: list[Generation] = field(default_factory=list)
+    decode_positions: int = 0  # one per cached row, a block per window
     cached_rows: int = 0
     prefill: list[tuple[Generation, int]] = field(default_factory=list)
     score: tuple[ScoreJob, int] | None = None
+
+
+@dataclass
+class StepOutput:
+    """What ``execute`` computed: each row that has next-character logits, and the
+    Score slice's log-probabilities and positions."""
+
+    rows: list[tuple[Generation, torch.Tensor]] = field(default_factory=list)
+    score: tuple[ScoreJob, list[float], int] | None = None
 
 
 def deliver_directly(batch: list[tuple[Generation, Event]]) -> None:
@@ -121,7 +115,15 @@ def deliver_directly(batch: list[tuple[Generation, Event]]) -> None:
 
 class Engine:
     """``deliver`` receives each iteration's events in one call (from the engine thread);
-    the asyncio service hands them to its event loop in one wake-up."""
+    the asyncio service hands them to its event loop in one wake-up.
+
+    Threads: the loop thread (``run``, or a test calling ``step``) owns the running batch
+    and every admitted request's state. RPC threads only submit, cancel (a flag the loop
+    reads at its next ``schedule``), wake and read ``load``. One lock, ``_wake`` (a
+    condition the loop sleeps on while there is nothing to do), guards everything both
+    sides touch: the waiting queues ``_waiting`` and ``_scores``, ``_stopping``, and
+    membership of ``_running``.
+    """
 
     def __init__(
         self,
@@ -221,14 +223,14 @@ class Engine:
         """One iteration: schedule, execute, update, then deliver its events."""
         started = self.clock()
         plan = self.schedule(started)
-        rows = self.execute(plan)
-        self.update(rows)
+        output = self.execute(plan)
+        self.update(output)
         self._flush()
         elapsed = self.clock() - started
         self._slowest = max(elapsed, 0.95 * self._slowest)
-        if plan.decode:
+        if plan.decode or plan.windows:
             self.metrics.step_duration.observe(elapsed)
-            self.metrics.batch_size.observe(len(plan.decode))
+            self.metrics.batch_size.observe(len(plan.decode) + len(plan.windows))
             self.metrics.positions.labels("decode").inc(plan.cached_rows)
             self.metrics.positions.labels("window").inc(plan.decode_positions - plan.cached_rows)
 
@@ -251,6 +253,8 @@ class Engine:
     # ---- schedule --------------------------------------------------------------------
 
     def schedule(self, now: float) -> StepPlan:
+        """Retire, admit, and decide for every running row what this iteration computes
+        for it: one cached position, a recomputed window, or a prompt chunk."""
         margin = 3 * self._slowest + RELAY_MARGIN_S
         with self._wake:
             for generation in [g for g in self._waiting if g.cancelled or g.expiring(now, margin)]:
@@ -268,14 +272,20 @@ class Engine:
         plan = StepPlan()
         prompts = []
         for generation in self._running:
-            pending = generation.served.decoder.pending(generation)
-            if pending:
-                prompts.append((generation, pending))
+            config = generation.served.config
+            if generation.cached and not decodes_from_cache(config, len(generation.tokens)):
+                # The text outgrew the block: from now on this row recomputes its window.
+                generation.cached = False
+                generation.served.decoder.release(generation.id)
+            if not generation.cached:
+                plan.windows.append(generation)
+                plan.decode_positions += config.block_size
+            elif generation.pending > 1:
+                prompts.append((generation, generation.pending))
             else:
                 plan.decode.append(generation)
-                cost = generation.served.decoder.cost(generation)
-                plan.decode_positions += cost
-                plan.cached_rows += cost == 1
+                plan.decode_positions += 1
+                plan.cached_rows += 1
         extra = self.budget.extra(plan.decode_positions)
         plan.prefill = self._share(prompts, extra)
         extra -= sum(p for _, p in plan.prefill)
@@ -297,7 +307,10 @@ class Engine:
         return chunks
 
     def _admit(self, generation: Generation, now: float) -> None:
-        generation.served.decoder.start(generation)
+        if decodes_from_cache(generation.served.config, len(generation.tokens)):
+            generation.served.decoder.start(generation)
+            generation.cached = True
+        generation.status = Status.RUNNING
         generation.admitted = now
         self._running.append(generation)
         self.metrics.queue_time.labels("Generate").observe(now - generation.received)
@@ -305,9 +318,10 @@ class Engine:
 
     # ---- execute ---------------------------------------------------------------------
 
-    def execute(self, plan: StepPlan) -> list[tuple[Generation, torch.Tensor]]:
-        """The forward passes; returns each row that has next-character logits."""
-        rows: list[tuple[Generation, torch.Tensor]] = []
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """The forward passes of the plan, per model; advances each row's computed count
+        once its pass succeeded."""
+        output = StepOutput()
         for chunks in _by_model(plan.prefill, lambda chunk: chunk[0]):
             try:
                 logits = chunks[0][0].served.decoder.prefill(chunks)
@@ -316,9 +330,10 @@ class Engine:
                     self._fail(generation, "prompt processing")
                 continue
             self.metrics.positions.labels("prompt").inc(sum(n for _, n in chunks))
-            for (generation, _), row in zip(chunks, logits, strict=True):
+            for (generation, count), row in zip(chunks, logits, strict=True):
+                generation.computed += count
                 if row is not None:
-                    rows.append((generation, row))
+                    output.rows.append((generation, row))
         for group in _by_model(plan.decode, lambda generation: generation):
             try:
                 logits = group[0].served.decoder.decode(group)
@@ -326,12 +341,22 @@ class Engine:
                 for generation in group:
                     self._fail(generation, "decoding")
                 continue
-            rows.extend(zip(group, logits, strict=True))
+            for generation in group:
+                generation.computed = len(generation.tokens)
+            output.rows.extend(zip(group, logits, strict=True))
+        for group in _by_model(plan.windows, lambda generation: generation):
+            try:
+                logits = group[0].served.decoder.recompute(group)
+            except Exception:
+                for generation in group:
+                    self._fail(generation, "decoding")
+                continue
+            output.rows.extend(zip(group, logits, strict=True))
         if plan.score is not None:
-            self._score_slice(*plan.score)
-        return rows
+            output.score = self._score_slice(*plan.score)
+        return output
 
-    def _score_slice(self, job: ScoreJob, budget: int) -> None:
+    def _score_slice(self, job: ScoreJob, budget: int) -> tuple[ScoreJob, list[float], int] | None:
         if not job.started:
             job.started = True
             self.metrics.queue_time.labels("Score").observe(self.clock() - job.received)
@@ -342,13 +367,8 @@ class Engine:
                           len(job.params.ids), job.served.loaded.info.step)  # fmt: skip
             self._drop_score(job)
             job.result.set_exception(exc)
-            return
-        job.logprobs.extend(logprobs)
-        self.metrics.positions.labels("score").inc(positions)
-        if job.done:
-            self._drop_score(job)
-            self.metrics.scored_characters.inc(len(job.logprobs))
-            job.result.set_result(job.logprobs)
+            return None
+        return job, logprobs, positions
 
     def _drop_score(self, job: ScoreJob) -> None:
         job.served.decoder.finish_score(job.id)
@@ -359,8 +379,18 @@ class Engine:
 
     # ---- update ----------------------------------------------------------------------
 
-    def update(self, rows: list[tuple[Generation, torch.Tensor]]) -> None:
-        """Sample every row at once, then stream and finish each."""
+    def update(self, output: StepOutput) -> None:
+        """Sample every row at once, then stream and finish each; finish the Score whose
+        slice completed it."""
+        if output.score is not None:
+            job, logprobs, positions = output.score
+            job.logprobs.extend(logprobs)
+            self.metrics.positions.labels("score").inc(positions)
+            if job.done:
+                self._drop_score(job)
+                self.metrics.scored_characters.inc(len(job.logprobs))
+                job.result.set_result(job.logprobs)
+        rows = output.rows
         if not rows:
             return
         generations = [g for g, _ in rows]
@@ -420,10 +450,12 @@ class Engine:
     def _finish(self, generation: Generation, reason: FinishReason) -> None:
         if generation.finished:
             return
-        generation.finished = True
+        generation.status = Status.FINISHED
         if generation in self._running:
-            self._running.remove(generation)
-            generation.served.decoder.release(generation.id)
+            with self._wake:
+                self._running.remove(generation)
+            if generation.cached:
+                generation.served.decoder.release(generation.id)
         if reason in (FinishReason.LENGTH, FinishReason.TIME_LIMIT):
             held = generation.flush()
             if held is not None:

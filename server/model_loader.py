@@ -16,8 +16,8 @@ import torch
 
 from chargpt.checkpoint import CheckpointError, load_checkpoint
 from server.decoder import Decoder
-from server.engine import ServedModel
 from server.metrics import ServerMetrics
+from server.served import ServedModel
 from server.watch import FileSignature, Poller, file_signature
 
 log = logging.getLogger(__name__)

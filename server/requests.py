@@ -1,7 +1,10 @@
 """What the engine tracks per request, and the events it hands back to the service.
 
-A ``Generation`` owns its text so far (prompt and generated ids), the stop-sequence
-matcher and its timings; the decoder owns where its keys and values are cached.
+A ``Generation`` owns its state as vLLM's ``Request`` does: its text so far (prompt and
+generated ids), its status, how many of its positions are computed into its KV cache and
+whether it decodes from that cache at all (the engine's schedule decides; the engine
+advances the count after each forward pass), the stop-sequence matcher and its timings.
+The decoder owns only where the keys and values are (its cache slots).
 """
 
 from __future__ import annotations
@@ -10,13 +13,11 @@ import itertools
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from chargpt.sampling import SamplingParams
+from server.served import ServedModel
 from server.stops import StopMatcher
-
-if TYPE_CHECKING:
-    from server.engine import ServedModel
 
 _ids = itertools.count()
 
@@ -31,6 +32,14 @@ class FinishReason(StrEnum):
     CANCELLED = "cancelled"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+
+
+class Status(StrEnum):
+    """Where a generation is in the engine: queued, in the running batch, or done."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
 
 
 @dataclass(frozen=True)
@@ -103,8 +112,13 @@ class Generation:
     received: float
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)  # prompt ids, then generated ids
-    cancelled: bool = False
-    finished: bool = False
+    status: Status = Status.WAITING
+    # Positions of ``tokens`` whose keys and values are in the row's cache slot (vLLM's
+    # num_computed_tokens), and whether it has one: False for a row of a model with the
+    # lecture's crop whose text outgrew the block (each step recomputes the window).
+    computed: int = 0
+    cached: bool = False
+    cancelled: bool = False  # set by the RPC side; the engine loop acts on it
     admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
@@ -118,6 +132,16 @@ class Generation:
     @property
     def generated(self) -> int:
         return len(self.tokens) - len(self.params.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    @property
+    def pending(self) -> int:
+        """Positions to compute before the next character: 1 for a row that decodes one
+        position, more for a prompt still being processed."""
+        return len(self.tokens) - self.computed
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -186,6 +210,14 @@ class ScoreJob:
     cancelled: bool = False
     started: bool = False
     logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.params.ids
+
+    @property
+    def first_target(self) -> int:
+        return self.params.first_target
 
     @property
     def next_target(self) -> int:

@@ -25,10 +25,11 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from chargpt.v1 import language_model_pb2 as pb
-from server.engine import Engine, EngineStoppedError, OverloadedError, ServedModel
+from server.engine import Engine, EngineStoppedError, OverloadedError
 from server.errors import RequestError
 from server.metrics import REJECTIONS, ServerMetrics
 from server.requests import Chunk, Event, Finished, FinishReason, TokenDetail
+from server.served import ServedModel
 from server.validation import (
     InvalidRequestError,
     Limits,

@@ -12,6 +12,7 @@ import torch
 from chargpt.model import GPT, GPTConfig, reference_logits
 from server.decoder import Decoder
 from server.requests import ScoreJob, ScoreParams
+from server.served import decodes_from_cache
 
 LEARNED = GPTConfig(vocab_size=13, block_size=8, n_embd=16, n_head=2, n_layer=3)
 WINDOWED = GPTConfig(
@@ -26,6 +27,34 @@ _ids = itertools.count()
 class Seq:
     tokens: list[int]
     id: int = field(default_factory=lambda: next(_ids))
+    computed: int = 0  # advanced here as the engine does, after each forward pass
+
+
+def prefill(decoder: Decoder, chunks: list[tuple[Seq, int]]) -> list[torch.Tensor | None]:
+    chunks = [(s, min(n, len(s.tokens) - s.computed)) for s, n in chunks]
+    out = decoder.prefill(chunks)
+    for seq, count in chunks:
+        seq.computed += count
+    return out
+
+
+def decode(decoder: Decoder, seqs: list[Seq]) -> torch.Tensor:
+    """Each sequence as the engine's schedule plans it: from its cache while the rule says
+    so (its slot released once it does not), else a recomputed window."""
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    for seq in seqs:
+        if seq.id in decoder.slot_of and not decodes_from_cache(decoder.config, len(seq.tokens)):
+            decoder.release(seq.id)
+    cached = [i for i, s in enumerate(seqs) if s.id in decoder.slot_of]
+    windows = [i for i, s in enumerate(seqs) if s.id not in decoder.slot_of]
+    if cached:
+        for i, row in zip(cached, decoder.decode([seqs[i] for i in cached]), strict=True):
+            out[i] = row
+            seqs[i].computed = len(seqs[i].tokens)
+    if windows:
+        for i, row in zip(windows, decoder.recompute([seqs[i] for i in windows]), strict=True):
+            out[i] = row
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def model(config: GPTConfig) -> GPT:
@@ -48,18 +77,19 @@ def test_prefill_then_decode_equals_the_reference_far_past_the_window(config: GP
     seqs = [Seq([1]), Seq([2, 3, 4]), Seq([5, 6, 7, 8, 9, 10, 11, 12, 0, 1]), Seq([3, 3])]
     generator = torch.Generator().manual_seed(0)
     for seq in seqs:  # as the engine does: prompt chunks (of two here), then decode
-        decoder.start(seq)
+        if decodes_from_cache(config, len(seq.tokens)):
+            decoder.start(seq)
         logits = None
         while logits is None:
-            pending = decoder.pending(seq)
-            logits = decoder.prefill([(seq, 2)])[0] if pending else decoder.decode([seq])[0]
+            pending = seq.id in decoder.slot_of and len(seq.tokens) - seq.computed > 1
+            logits = prefill(decoder, [(seq, 2)])[0] if pending else decode(decoder, [seq])[0]
         close(logits, m, seq.tokens)
     for step in range(4 * config.block_size):
         for seq in seqs:
             seq.tokens.append(int(torch.randint(13, (1,), generator=generator)))
-        ready = [s for s in seqs if decoder.pending(s) == 0]
+        ready = [s for s in seqs if s.id not in decoder.slot_of or s.computed == len(s.tokens) - 1]
         assert len(ready) == len(seqs)
-        got = decoder.decode(ready)
+        got = decode(decoder, ready)
         for row, seq in enumerate(ready):
             close(got[row], m, seq.tokens)
         if step == 5:  # a sequence leaves: the others' cache entries move, results do not
@@ -79,31 +109,33 @@ def test_prompts_prefilled_together_equal_the_reference(config: GPTConfig) -> No
     done: dict[int, torch.Tensor] = {}
     while len(done) < len(seqs):
         chunks = [(s, 3 if s.id % 2 else 2) for s in seqs if s.id not in done]
-        for (seq, _), logits in zip(chunks, decoder.prefill(chunks), strict=True):
+        for (seq, _), logits in zip(chunks, prefill(decoder, chunks), strict=True):
             if logits is not None:
                 done[seq.id] = logits
     for seq in seqs:
         close(done[seq.id], m, seq.tokens)
     for seq in seqs:  # and the caches they left are right
         seq.tokens.append(3)
-    got = decoder.decode(seqs)
+    got = decode(decoder, seqs)
     for row, seq in enumerate(seqs):
         close(got[row], m, seq.tokens)
 
 
 def test_learned_rows_leave_the_cache_once_the_text_outgrows_the_block() -> None:
-    decoder = Decoder(model(LEARNED), slots=2)
+    m = model(LEARNED)
+    decoder = Decoder(m, slots=2)
     seq = Seq([1, 2])
+    assert decodes_from_cache(LEARNED, len(seq.tokens))
     decoder.start(seq)
-    decoder.prefill([(seq, 100)])
-    assert decoder.cost(seq) == 1
+    prefill(decoder, [(seq, 100)])
     while len(seq.tokens) <= LEARNED.block_size:
         seq.tokens.append(3)
-        decoder.decode([seq])
-    assert decoder.cost(seq) == LEARNED.block_size and seq.id not in decoder.slot_of
+        close(decode(decoder, [seq])[0], m, seq.tokens)
+    assert not decodes_from_cache(LEARNED, len(seq.tokens)) and seq.id not in decoder.slot_of
+    close(decoder.recompute([seq])[0], m, seq.tokens)
     long = Seq(list(range(12)))  # longer than the block from the start: no slot at all
-    decoder.start(long)
-    assert decoder.pending(long) == 0 and decoder.cost(long) == LEARNED.block_size
+    assert not decodes_from_cache(LEARNED, len(long.tokens))
+    assert decodes_from_cache(WINDOWED, 10**6)  # a windowed model's slot is its window
 
 
 def test_slots_stay_compact() -> None:

@@ -12,19 +12,20 @@ import pytest
 import torch
 
 from chargpt.checkpoint import CheckpointInfo, LoadedModel
-from chargpt.model import GPT, GPTConfig
+from chargpt.model import GPT, GPTConfig, reference_generate
 from chargpt.sampling import SamplingParams
 from chargpt.tokenizer import CharTokenizer
+from server.decoder import Decoder
 from server.engine import (
     RELAY_MARGIN_S,
     Budget,
     Engine,
     EngineStoppedError,
     OverloadedError,
-    ServedModel,
 )
 from server.metrics import ServerMetrics
 from server.requests import Chunk, Finished, FinishReason, GenerateParams, ScoreJob, ScoreParams
+from server.served import ServedModel
 
 VOCAB = ("\n", "a", "b", "c")
 
@@ -39,13 +40,13 @@ class Clock:
 
 @dataclass
 class FakeDecoder:
-    """Always prefers ``favourite`` (logit 5, the rest 0); counts positions computed.
+    """Always prefers ``favourite`` (logit 5, the rest 0); records what it computed.
     Prompts are processed in chunks; a row ``poisoned`` gets NaN logits."""
 
     favourite: int = 1
     poisoned: set[int] = field(default_factory=set)
     broken: bool = False
-    processed: dict[int, int] = field(default_factory=dict)
+    slots: set[int] = field(default_factory=set)
     decoded: list[list[int]] = field(default_factory=list)
     prefilled: list[tuple[int, int]] = field(default_factory=list)
     scored: list[int] = field(default_factory=list)
@@ -58,34 +59,33 @@ class FakeDecoder:
         return row.fill_(float("nan")) if seq_id in self.poisoned else row
 
     def start(self, seq) -> None:  # type: ignore[no-untyped-def]
-        self.processed[seq.id] = 0
+        self.slots.add(seq.id)
 
     def release(self, seq_id: int) -> None:
         self.released.append(seq_id)
-        del self.processed[seq_id]
-
-    def pending(self, seq) -> int:  # type: ignore[no-untyped-def]
-        pending = len(seq.tokens) - self.processed[seq.id]
-        return 0 if pending == 1 else pending
-
-    def cost(self, seq) -> int:  # type: ignore[no-untyped-def]
-        return 1
+        self.slots.remove(seq_id)
 
     def prefill(self, chunks) -> list[torch.Tensor | None]:  # type: ignore[no-untyped-def]
         out: list[torch.Tensor | None] = []
-        for seq, budget in chunks:
-            done = min(len(seq.tokens), self.processed[seq.id] + budget)
-            self.prefilled.append((seq.id, done - self.processed[seq.id]))
-            self.processed[seq.id] = done
-            out.append(self.logits(seq.id) if done == len(seq.tokens) else None)
+        for seq, count in chunks:
+            assert seq.id in self.slots and 1 <= count <= len(seq.tokens) - seq.computed
+            self.prefilled.append((seq.id, count))
+            done = seq.computed + count == len(seq.tokens)
+            out.append(self.logits(seq.id) if done else None)
         return out
 
     def decode(self, seqs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         if self.broken:
             raise RuntimeError("this model's forward pass is broken")
+        assert all(s.id in self.slots and s.computed == len(s.tokens) - 1 for s in seqs)
         self.decoded.append([s.id for s in seqs])
-        for s in seqs:
-            self.processed[s.id] = len(s.tokens)
+        return torch.stack([self.logits(s.id) for s in seqs])
+
+    def recompute(self, seqs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if self.broken:
+            raise RuntimeError("this model's forward pass is broken")
+        assert not any(s.id in self.slots for s in seqs)
+        self.decoded.append([s.id for s in seqs])
         return torch.stack([self.logits(s.id) for s in seqs])
 
     def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]:
@@ -102,12 +102,17 @@ class FakeDecoder:
         pass
 
 
-def served(decoder: FakeDecoder, step: int = 1) -> ServedModel:
-    config = GPTConfig(vocab_size=len(VOCAB), block_size=8, n_embd=8, n_head=1, n_layer=1)
-    info = CheckpointInfo(config, VOCAB, step, None, None, "", "test")
-    loaded = LoadedModel(GPT(config), CharTokenizer(VOCAB), info, f"sha{step}")
+def served(
+    decoder: object, step: int = 1, block_size: int = 1024, model: GPT | None = None
+) -> ServedModel:
+    """A served model around ``decoder``; its block (1024 unless told) is longer than any
+    text these tests make, so every row decodes from its cache unless a test says so."""
+    config = GPTConfig(vocab_size=len(VOCAB), block_size=block_size, n_embd=8, n_head=1, n_layer=1)
+    model = model if model is not None else GPT(config)
+    info = CheckpointInfo(model.config, VOCAB, step, None, None, "", "test")
+    loaded = LoadedModel(model, CharTokenizer(VOCAB), info, f"sha{step}")
     return ServedModel(loaded, "model.safetensors", torch.device("cpu"), torch.float32, 0.0,
-                       decoder)  # fmt: skip
+                       decoder)  # type: ignore[arg-type]  # fmt: skip
 
 
 def params(prompt: list[int] | None = None, n: int = 3, **kwargs: object) -> GenerateParams:
@@ -334,3 +339,26 @@ def test_a_failing_score_fails_alone(clock: Clock) -> None:
         bad.result.result()
     assert good.result.result() == [-1.0] * 19
     assert events(q)[-1].reason == FinishReason.LENGTH and stream.generated == 5  # type: ignore[union-attr]
+
+
+def positions(e: Engine, kind: str) -> float:
+    return e.metrics.positions.labels(kind)._value.get()
+
+
+def test_a_learned_position_row_crossing_the_block_is_counted_as_a_window(clock: Clock) -> None:
+    """The schedule decides cached vs window rows, and the budget and metrics count what is
+    computed: the step at which the text outgrows the block recomputes a whole window."""
+    config = GPTConfig(vocab_size=len(VOCAB), block_size=4, n_embd=8, n_head=2, n_layer=2)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    e, q = engine(clock), queue.SimpleQueue()
+    e.submit_generation(params(prompt=[1, 2, 3], n=4), served(Decoder(model, 2), model=model), q)
+    e.step()  # the 3-character prompt: 3 prompt positions, then "d" -> 4 characters
+    e.step()  # position 3 from the cache -> 5 characters: the text outgrew the block
+    assert (positions(e, "prompt"), positions(e, "decode"), positions(e, "window")) == (3, 1, 0)
+    e.step()  # so this step recomputes the last 4 characters from position 0
+    e.step()
+    assert (positions(e, "decode"), positions(e, "window")) == (1, 2 * config.block_size)
+    text = "".join(c.text for c in events(q) if isinstance(c, Chunk))
+    expected = reference_generate(model, [1, 2, 3], 4, SamplingParams(temperature=0))
+    assert text == "".join(VOCAB[i] for i in expected)
