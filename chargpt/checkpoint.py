@@ -15,15 +15,16 @@ lives apart from the served file (``trainer/state.py``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
@@ -111,10 +112,13 @@ class LoadedModel:
     file_sha256: str
 
 
-def atomic_write(
-    path: str | os.PathLike[str], data: bytes, before: Callable[[str], None] | None = None
-) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+@contextlib.contextmanager
+def atomic_file(
+    path: str | os.PathLike[str], before: Callable[[str], None] | None = None
+) -> Iterator[BinaryIO]:
+    """A file to write ``path``'s content into: when the block ends it is flushed to disk and
+    renamed over ``path``, so readers see the old file or the new one, never a mix; if the
+    block raises, the temporary file is removed and ``path`` is untouched.
 
     ``before(step)``, when given, is called before each step: ``create`` (a temporary file
     beside ``path``), ``write``, ``sync`` (fsync), ``rename`` (over ``path``) and
@@ -128,7 +132,7 @@ def atomic_write(
     try:
         with os.fdopen(fd, "wb") as f:
             step("write")
-            f.write(data)
+            yield f
             f.flush()
             step("sync")
             os.fsync(f.fileno())
@@ -144,6 +148,14 @@ def atomic_write(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, before: Callable[[str], None] | None = None
+) -> None:
+    """Write ``data`` to ``path`` through ``atomic_file`` (same guarantees, same steps)."""
+    with atomic_file(path, before) as f:
+        f.write(data)
 
 
 def _no_step(step: str) -> None:

@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -42,7 +41,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from chargpt.checkpoint import atomic_write
+from chargpt.checkpoint import atomic_file, atomic_write
 from chargpt.tokenizer import CharTokenizer
 
 TINY_SHAKESPEARE_URL = (
@@ -294,29 +293,6 @@ def check_cache(cache: Path, sha256: str) -> CacheHeader:
     if digest.hexdigest() != header.ids_sha256:
         raise CacheError("its ids do not match their checksum")
     return header
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file to write ``path``'s content into: when the block ends, flushed to disk and
-    renamed over ``path``, so readers see the old file or the new one; removed if the
-    block raises. (``chargpt.checkpoint.atomic_write`` for what does not fit in memory.)"""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @contextlib.contextmanager
