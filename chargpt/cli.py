@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from chargpt.settings import InputError
+from chargpt.settings import SEED_LIMIT, InputError, sampling_options
 
 if TYPE_CHECKING:
     import torch
 
-SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit integers, as the server's
 SUBCOMMANDS = {
     "train": "trainer.cli:train",
     "serve": "server.cli:serve",
@@ -93,32 +92,9 @@ def cli() -> None:
     show_default=True,
     help="Characters to generate.",
 )
-@click.option(
-    "--temperature",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    show_default=True,
-    help="Softmax temperature; 0 = greedy.",
-)
-@click.option(
-    "--top-k",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Sample among the k most likely characters (0 = all).",
-)
-@click.option(
-    "--top-p",
-    type=click.FloatRange(min=0, max=1, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Sample from the smallest set with this much probability.",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0, max=SEED_LIMIT - 1),
-    default=None,
-    help="Random seed (default: random). Sample i, counting from 0, uses seed + i.",
+@sampling_options(
+    on_server=False,
+    seed_help="Random seed (default: random). Sample i, counting from 0, uses seed + i.",
 )
 @click.option(
     "--num-samples",

@@ -261,6 +261,57 @@ def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
     return click.option(*decls, **attrs)
 
 
+SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit integers, as the server's
+
+
+def sampling_options(*, on_server: bool, seed_help: str) -> Callable[[F], F]:
+    """``--temperature``, ``--top-k``, ``--top-p`` and ``--seed``, declared once for
+    ``chargpt sample`` and ``chargpt generate`` with the bounds the server checks.
+
+    ``on_server``: an unset option is left to the server (which applies the same defaults)
+    and each option also reads ``CHARGPT_<NAME>``, as the client's other options do.
+    """
+    declare = option if on_server else click.option
+
+    def default(value: float) -> float | None:
+        return None if on_server else value
+
+    unset = " (unset: 1.0)" if on_server else ""
+    declared = [
+        declare(
+            "--temperature",
+            type=click.FloatRange(min=0),
+            default=default(1.0),
+            show_default=True,
+            help=f"Softmax temperature; 0 = greedy{unset}.",
+        ),
+        declare(
+            "--top-k",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Sample among the k most likely characters (0 = all).",
+        ),
+        declare(
+            "--top-p",
+            type=click.FloatRange(min=0, max=1, min_open=True),
+            default=default(1.0),
+            show_default=True,
+            help=f"Sample from the smallest set with this much probability{unset}.",
+        ),
+        declare(
+            "--seed", type=click.IntRange(min=0, max=SEED_LIMIT - 1), default=None, help=seed_help
+        ),
+    ]
+
+    def decorate(f: F) -> F:
+        for add in reversed(declared):
+            f = add(f)
+        return f
+
+    return decorate
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """A flat table of settings from a .toml or .json file; keys may use - or _."""
     file = Path(path)

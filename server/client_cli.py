@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import click
 import grpc
 
-from chargpt.settings import InputError, option
+from chargpt.settings import InputError, option, sampling_options
 from chargpt.v1 import language_model_pb2 as pb
 from server.client import ClientTLS, LanguageModelClient, TargetError, parse_target
 from server.credentials import CredentialError, read_tokens
@@ -211,10 +211,7 @@ def grpc_errors(func: F) -> F:
     default=0,
     help="Characters to generate (0 = the server's default).",
 )
-@option("--temperature", type=float, default=None, help="0 = greedy (default 1.0).")
-@option("--top-k", type=click.IntRange(min=0), default=0, help="0 = no limit.")
-@option("--top-p", type=float, default=None, help="Nucleus sampling mass (default 1.0).")
-@option("--seed", type=click.IntRange(min=0), default=None, help="Default: the server picks.")
+@sampling_options(on_server=True, seed_help="Random seed (default: the server picks).")
 @option("--stop", multiple=True, help="Stop sequence (repeatable).")
 @option("--summary", is_flag=True, help="Print the finish reason, usage and timings to stderr.")
 @grpc_errors

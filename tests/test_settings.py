@@ -231,3 +231,19 @@ def test_a_bad_flag_is_named_without_the_environment_variable() -> None:
     from_env = invoke(env={"CHARGPT_PORT": "70000"})
     assert isinstance(from_env.exception, click.BadParameter)
     assert "CHARGPT_PORT" in from_env.exception.format_message()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--seed", str(2**64))],
+)
+def test_sample_and_generate_refuse_the_same_sampling_values(flag: str, value: str) -> None:
+    """One declaration of the sampling flags: the offline sampler and the gRPC client
+    refuse the same values, before loading a model or connecting to a server."""
+    from chargpt.cli import sample
+    from server.client_cli import generate
+
+    for command, args in ((sample, ["model.safetensors"]), (generate, ["ROMEO:"])):
+        result = CliRunner().invoke(command, [*args, flag, value])
+        assert result.exit_code == 2, (command.name, result.output)
+        assert f"Invalid value for '{flag}'" in result.output, (command.name, result.output)
