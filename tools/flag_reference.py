@@ -23,9 +23,11 @@ def _help(
     command: click.Command, path: list[str], parent: click.Context | None
 ) -> tuple[str, click.Context]:
     """A command's help text at a fixed width (the same on every terminal), and its context."""
-    ctx = click.Context(
-        command, info_name=path[-1], parent=parent, terminal_width=100, max_content_width=100
-    )
+    # The command's own context settings (e.g. -h as well as --help), as a real invocation
+    # would have: click caches the help option it first makes, so help must not depend on
+    # whether the command already ran in this process.
+    settings = {"terminal_width": 100, "max_content_width": 100, **command.context_settings}
+    ctx = click.Context(command, info_name=path[-1], parent=parent, **settings)
     return command.get_help(ctx), ctx
 
 
