@@ -32,6 +32,10 @@ RUN_FIELDS = (*ARCHITECTURE_FIELDS, "batch_size", "grad_accum_steps", "seed", "o
 # dropout, evaluation, the length of the run, its name, where and how it runs. Not
 # settings of the run at all: whether to resume or overwrite.
 NOT_RECORDED = ("resume", "auto_resume", "overwrite")
+# The architecture's defaults are GPTConfig's (the lecture's), declared there once.
+MODEL_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_FIELDS
+}
 
 
 class ConfigError(ValueError):
@@ -75,7 +79,9 @@ class TrainConfig:
     batch_size: int = setting(
         16, "Sequences per micro-batch, per process (see --grad-accum-steps).", minimum=1
     )
-    block_size: int = setting(32, "Context length in characters.", minimum=1)
+    block_size: int = setting(
+        MODEL_DEFAULTS["block_size"], "Context length in characters.", minimum=1
+    )
     max_iters: int = setting(
         5000, "Optimizer steps in the whole run (unless --time-budget is set).", minimum=1
     )
@@ -83,29 +89,43 @@ class TrainConfig:
     eval_interval: int = setting(
         100, "Evaluate both splits, log and checkpoint every this many steps.", minimum=1
     )
-    n_embd: int = setting(64, "Embedding width.", minimum=1)
-    n_head: int = setting(4, "Attention heads per layer (must divide --n-embd).", minimum=1)
-    n_layer: int = setting(8, "Transformer blocks.", minimum=1)
-    dropout: float = setting(0.0, "Dropout probability.", minimum=0, below=1)
+    n_embd: int = setting(MODEL_DEFAULTS["n_embd"], "Embedding width.", minimum=1)
+    n_head: int = setting(
+        MODEL_DEFAULTS["n_head"], "Attention heads per layer (must divide --n-embd).", minimum=1
+    )
+    n_layer: int = setting(MODEL_DEFAULTS["n_layer"], "Transformer blocks.", minimum=1)
+    dropout: float = setting(MODEL_DEFAULTS["dropout"], "Dropout probability.", minimum=0, below=1)
     # Architecture options beyond the lecture's model (chargpt.model.GPTConfig).
     position: str = setting(
-        "learned",
+        MODEL_DEFAULTS["position"],
         "Positions: a learned table (the lecture's) or rotary embeddings (rope) on queries "
         "and keys.",
         choices=POSITIONS,
     )
-    norm: str = setting("layernorm", "Normalisation before each sublayer.", choices=NORMS)
-    activation: str = setting(
-        "relu", "Feed-forward activation (relu2 = squared ReLU).", choices=ACTIVATIONS
+    norm: str = setting(
+        MODEL_DEFAULTS["norm"], "Normalisation before each sublayer.", choices=NORMS
     )
-    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before attention.")
-    tie_embeddings: bool = setting(False, "The output head reuses the token embedding.")
-    bias: bool = setting(True, "Biases in linear layers and LayerNorms.", negatable=True)
+    activation: str = setting(
+        MODEL_DEFAULTS["activation"],
+        "Feed-forward activation (relu2 = squared ReLU).",
+        choices=ACTIVATIONS,
+    )
+    qk_norm: bool = setting(
+        MODEL_DEFAULTS["qk_norm"], "RMS-normalise queries and keys per head before attention."
+    )
+    tie_embeddings: bool = setting(
+        MODEL_DEFAULTS["tie_embeddings"], "The output head reuses the token embedding."
+    )
+    bias: bool = setting(
+        MODEL_DEFAULTS["bias"], "Biases in linear layers and LayerNorms.", negatable=True
+    )
     logit_softcap: float = setting(
-        0.0, "Soft-cap the logits at C: C * tanh(logits / C) (0 = off).", minimum=0
+        MODEL_DEFAULTS["logit_softcap"],
+        "Soft-cap the logits at C: C * tanh(logits / C) (0 = off).",
+        minimum=0,
     )
     attention_window: int = setting(
-        0,
+        MODEL_DEFAULTS["attention_window"],
         "Sliding-window attention: each position sees itself and the W - 1 before it "
         "(0 = off). Needs --position rope; at most --block-size.",
         minimum=0,
