@@ -181,6 +181,7 @@ class LanguageModelClient:
         logprobs: bool = False,
         top_logprobs: int = 0,
         characters_per_message: int = 0,
+        max_characters_per_message: int = 0,
         timeout: float | None = None,
     ) -> Iterator[pb.GenerateResponse]:
         """The response stream; cancel it with ``.cancel()`` on the returned iterator."""
@@ -192,6 +193,7 @@ class LanguageModelClient:
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             characters_per_message=characters_per_message,
+            max_characters_per_message=max_characters_per_message,
         )
         if temperature is not None:
             request.temperature = temperature

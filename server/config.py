@@ -28,6 +28,16 @@ class Limits:
     max_score_chars: int = setting(
         65536, "Longest context + text a Score request may send.", minimum=1
     )
+    stream_interval: int = setting(
+        1,
+        "Characters per streamed message of a Generate request that leaves "
+        "characters_per_message unset (SGLang's name). 1: every character as soon as it is "
+        "sampled; larger values send fewer, bigger messages, which costs each stream that "
+        "much latency and saves per-message work under load. A slow reader's backlog is "
+        "always coalesced, whatever this says (docs/serving-speed.md).",
+        minimum=1,
+        maximum=1024,
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)

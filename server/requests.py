@@ -51,7 +51,8 @@ class GenerateParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
-    characters_per_message: int = 1
+    characters_per_message: int = 1  # the floor of each streamed message (stream interval)
+    max_characters_per_message: int = 0  # the ceiling; 0: none
     deadline: float | None = None  # on the engine's clock
 
 

@@ -140,7 +140,10 @@ class LanguageModelService:
             events: asyncio.Queue[Event] = asyncio.Queue()
             with _engine_errors():
                 generation = self.engine.submit_generation(params, served, events)
-            async for response in self._relay(events, served.vocab, params.characters_per_message):
+            async for response in self._relay(
+                events, served.vocab, params.characters_per_message,
+                params.max_characters_per_message,
+            ):  # fmt: skip
                 yield response
         except RequestError as exc:
             code = exc.code
@@ -159,39 +162,57 @@ class LanguageModelService:
         return None if remaining is None else self.engine.clock() + remaining
 
     async def _relay(
-        self, events: asyncio.Queue[Event], vocab: tuple[str, ...], per_message: int
+        self,
+        events: asyncio.Queue[Event],
+        vocab: tuple[str, ...],
+        per_message: int,
+        at_most: int = 0,
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """Messages from a generation's events: at least ``per_message`` characters each,
-        more when several are already waiting; the summary last."""
+        """Messages from a generation's events, the summary last.
+
+        Each message carries every character produced since the previous one was taken
+        (the stream's backlog, when its reader is slower than the engine), at least
+        ``per_message`` of them and, if ``at_most``, at most that many: a longer backlog
+        goes out as several messages back to back. Nothing waits for anything but the
+        floor: a reader that keeps up gets each character as soon as it is delivered.
+        Characters keep their order, none is dropped."""
         text, tokens = "", []
-        while True:
-            event = await events.get()
+        end: Finished | None = None
+
+        def take(event: Event) -> None:
+            nonlocal text, end
             if isinstance(event, Chunk):
                 text += event.text
                 tokens.extend(event.tokens)
-                if len(text) < per_message:
-                    continue
-                # Characters that piled up while this stream was sending go out together,
-                # so a slow stream never falls further behind the engine.
-                while not events.empty() and isinstance(event := events.get_nowait(), Chunk):
-                    text += event.text
-                    tokens.extend(event.tokens)
-                yield pb.GenerateResponse(text=text, tokens=_tokens(tokens, vocab))
-                text, tokens = "", []
-                if isinstance(event, Chunk):
-                    continue
-            if event.reason == FinishReason.CANCELLED:
-                return
-            if event.reason == FinishReason.ERROR:
-                raise RequestError(
-                    grpc.StatusCode.INTERNAL, "internal", "generation failed on the server"
-                )
-            if event.reason == FinishReason.SHUTDOWN:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "shutdown", "server shut down")
-            yield pb.GenerateResponse(
-                text=text, tokens=_tokens(tokens, vocab), summary=_summary(event)
-            )
+            else:
+                end = event
+
+        def cut() -> pb.GenerateResponse:
+            nonlocal text, tokens
+            n = min(len(text), at_most) if at_most else len(text)
+            message = pb.GenerateResponse(text=text[:n], tokens=_tokens(tokens[:n], vocab))
+            text, tokens = text[n:], tokens[n:]
+            return message
+
+        while end is None:
+            if len(text) < per_message:
+                take(await events.get())
+                continue
+            while end is None and not events.empty():  # the backlog, all of it
+                take(events.get_nowait())
+            if end is None or len(text) >= per_message:
+                yield cut()
+        while text and len(text) >= per_message:
+            yield cut()  # what the summary found waiting, before the summary
+        if end.reason == FinishReason.CANCELLED:
             return
+        if end.reason == FinishReason.ERROR:
+            raise RequestError(
+                grpc.StatusCode.INTERNAL, "internal", "generation failed on the server"
+            )
+        if end.reason == FinishReason.SHUTDOWN:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "shutdown", "server shut down")
+        yield pb.GenerateResponse(text=text, tokens=_tokens(tokens, vocab), summary=_summary(end))
 
     async def Score(  # noqa: N802
         self, request: pb.ScoreRequest | Unparsable, context: grpc.aio.ServicerContext

@@ -87,6 +87,13 @@ def validate_generate(
         "characters_per_message", request.characters_per_message,
         MAX_CHARACTERS_PER_MESSAGE, "characters",
     )  # fmt: skip
+    at_most = request.max_characters_per_message
+    if at_most and at_most < request.characters_per_message:
+        raise InvalidRequestError(
+            "max_characters_per_message",
+            f"{at_most} is below characters_per_message ({request.characters_per_message})",
+        )
+    per_message = request.characters_per_message or limits.stream_interval
     return GenerateParams(
         prompt_ids=prompt_ids,
         max_new_tokens=max_new,
@@ -95,7 +102,8 @@ def validate_generate(
         stop=stops,
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
-        characters_per_message=max(1, request.characters_per_message),
+        characters_per_message=min(per_message, at_most) if at_most else per_message,
+        max_characters_per_message=at_most,
         deadline=deadline,
     )
 

@@ -362,3 +362,19 @@ def test_a_learned_position_row_crossing_the_block_is_counted_as_a_window(clock:
     text = "".join(c.text for c in events(q) if isinstance(c, Chunk))
     expected = reference_generate(model, [1, 2, 3], 4, SamplingParams(temperature=0))
     assert text == "".join(VOCAB[i] for i in expected)
+
+
+def test_each_step_delivers_every_rows_events_in_one_call(clock: Clock) -> None:
+    """One hand-over per engine step (the service makes it one event-loop wake-up), not one
+    per character or per row."""
+    deliveries: list[list[tuple[object, object]]] = []
+    e = engine(clock, deliver=deliveries.append)
+    model = served(FakeDecoder())
+    rows = [e.submit_generation(params(n=2), model, queue.SimpleQueue()) for _ in range(3)]
+    e.step()
+    e.step()
+    assert len(deliveries) == 2
+    assert [g for g, _ in deliveries[0]] == rows  # one character each
+    last = deliveries[1]  # the second character and the summary of every row
+    assert [g for g, _ in last] == [g for g in rows for _ in range(2)]
+    assert all(isinstance(ev, Finished) for _, ev in last[1::2])

@@ -19,6 +19,7 @@ from chargpt.checkpoint import load_checkpoint
 from chargpt.model import reference_generate
 from chargpt.sampling import SamplingParams
 from chargpt.v1 import language_model_pb2 as pb
+from chargpt.v1 import language_model_pb2_grpc as pb_grpc
 from tests.conftest import run_chargpt
 from tests.server_process import ServerProcess, crowd, ended_by_deadline, free_port, wait_until
 
@@ -78,6 +79,49 @@ def test_coalesced_messages(server: ServerProcess) -> None:
     assert sum(sizes) == 25 and all(size >= 10 for size in sizes[:-1])
     assert len(sizes) >= 2  # 25 characters never fit one message of "at least 10"
     assert responses[-1].summary.usage.prompt_characters == 1  # the empty-prompt start token
+
+
+def test_a_slow_reader_gets_the_same_text_coalesced_within_its_ceiling(
+    server: ServerProcess,
+) -> None:
+    """A client that stops reading (a 1 KiB receive window, no window growth) stalls the
+    server's writes: the characters generated meanwhile pile up and come out coalesced,
+    in order, none lost, never more than the ceiling per message, and the same text as a
+    fast reader's for the same seed, which ran while another stream shared the batch."""
+    n, ceiling = 4000, 16
+    request = {"max_new_tokens": n, "temperature": 0.9, "seed": 41}
+    alone = "".join(r.text for r in server.client.generate("ROMEO:", **request))
+    channel = grpc.insecure_channel(
+        server.target, options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    )
+    finished = server.metric("chargpt_finished_generations_total", reason="length")
+    with channel, crowd(server, 1):
+        stub = pb_grpc.LanguageModelStub(channel)
+        stream = stub.Generate(
+            pb.GenerateRequest(prompt="ROMEO:", max_characters_per_message=ceiling, **request),
+            timeout=120,
+        )
+        messages = [next(stream)]
+        # The engine finishes the generation while this client reads nothing more.
+        wait_until(
+            lambda: server.metric("chargpt_finished_generations_total", reason="length") > finished,
+            timeout=120,
+        )
+        messages += list(stream)
+    assert "".join(m.text for m in messages) == alone
+    assert max(len(m.text) for m in messages) <= ceiling
+    assert len(messages) < n // 2  # the backlog was coalesced
+    assert messages[-1].summary.usage.generated_characters == n
+
+
+def test_stream_interval_is_the_default_floor(checkpoint: Path) -> None:
+    with ServerProcess(checkpoint, "--stream-interval", "8") as coalescing:
+        responses = list(coalescing.client.generate("", max_new_tokens=30, seed=5))
+        sizes = [len(r.text) for r in responses]
+        assert sum(sizes) == 30 and all(size >= 8 for size in sizes[:-1])
+        # A request's own setting wins.
+        own = list(coalescing.client.generate("", max_new_tokens=5, characters_per_message=1))
+        assert sum(len(r.text) for r in own) == 5 and len(own) >= 2
 
 
 def test_greedy_equals_the_reference_far_past_block_size(server: ServerProcess, reference) -> None:  # type: ignore[no-untyped-def]

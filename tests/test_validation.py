@@ -40,6 +40,7 @@ BAD_GENERATE = [
     (generate(prompt="a", logprobs=True, top_logprobs=21), "top_logprobs", "top_logprobs: 21 alternatives exceeds"),
     (generate(prompt="a", top_logprobs=2), "top_logprobs", "top_logprobs: requires logprobs"),
     (generate(prompt="a", characters_per_message=5000), "characters_per_message", "characters_per_message: 5000"),
+    (generate(prompt="a", characters_per_message=8, max_characters_per_message=4), "max_characters_per_message", "max_characters_per_message: 4 is below characters_per_message (8)"),
 ]  # fmt: skip
 
 
@@ -119,6 +120,19 @@ def test_a_good_request_becomes_the_engines_parameters() -> None:
     score = validate_score(pb.ScoreRequest(text="ab", context="C"), TOKENIZER, LIMITS)
     assert score.ids == TOKENIZER.encode("Cab") and score.first_target == 1
     assert validate_score(pb.ScoreRequest(text="ab"), TOKENIZER, LIMITS).ids[0] == 0
+
+
+def test_the_servers_stream_interval_is_the_floor_of_requests_that_leave_it_unset() -> None:
+    limits = Limits(stream_interval=8)
+    unset = validate_generate(pb.GenerateRequest(), TOKENIZER, limits)
+    assert (unset.characters_per_message, unset.max_characters_per_message) == (8, 0)
+    own = validate_generate(pb.GenerateRequest(characters_per_message=2), TOKENIZER, limits)
+    assert own.characters_per_message == 2
+    # A ceiling below the server's floor lowers the floor (the request did not ask for it).
+    capped = validate_generate(pb.GenerateRequest(max_characters_per_message=3), TOKENIZER, limits)
+    assert (capped.characters_per_message, capped.max_characters_per_message) == (3, 3)
+    with pytest.raises(ValueError, match="stream_interval"):
+        Limits(stream_interval=0)
 
 
 def test_tiny_temperatures_are_accepted() -> None:

@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63hargpt/v1/language_model.proto\x12\nchargpt.v1\"\x82\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\r\x12\x1e\n\x16\x63haracters_per_message\x18\n \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x0cTokenLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"`\n\x0eGeneratedToken\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.chargpt.v1.TokenLogprob\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.chargpt.v1.TokenLogprob\"z\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x06tokens\x18\x02 \x03(\x0b\x32\x1a.chargpt.v1.GeneratedToken\x12,\n\x07summary\x18\x03 \x01(\x0b\x32\x1b.chargpt.v1.GenerateSummary\"@\n\x05Usage\x12\x19\n\x11prompt_characters\x18\x01 \x01(\r\x12\x1c\n\x14generated_characters\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xd4\x01\n\x0fGenerateSummary\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.chargpt.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.chargpt.v1.Usage\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.chargpt.v1.Timings\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12#\n\x05model\x18\x06 \x01(\x0b\x32\x14.chargpt.v1.ModelRef\"0\n\x08ModelRef\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x02 \x01(\t\"-\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\"\xd6\x01\n\rScoreResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x15\n\rtotal_logprob\x18\x02 \x01(\x01\x12\x10\n\x08mean_nll\x18\x03 \x01(\x01\x12\x1a\n\x12\x62its_per_character\x18\x04 \x01(\x01\x12\x12\n\nperplexity\x18\x05 \x01(\x01\x12\x19\n\x11scored_characters\x18\x06 \x01(\r\x12\x1a\n\x12\x63ontext_characters\x18\x07 \x01(\r\x12#\n\x05model\x18\x08 \x01(\x0b\x32\x14.chargpt.v1.ModelRef\"\x15\n\x13GetModelInfoRequest\"\xc0\x03\n\tModelInfo\x12\x12\n\nvocabulary\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x0f\n\x07n_layer\x18\x04 \x01(\r\x12\x0e\n\x06n_head\x18\x05 \x01(\r\x12\x0e\n\x06n_embd\x18\x06 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x07 \x01(\t\x12\x12\n\nparameters\x18\x08 \x01(\x04\x12\x0c\n\x04step\x18\t \x01(\x04\x12\x10\n\x08val_loss\x18\n \x01(\x01\x12\x12\n\ntrain_loss\x18\x0b \x01(\x01\x12\x16\n\x0eweights_sha256\x18\x0c \x01(\t\x12\x10\n\x08run_name\x18\r \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x0e \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\r\n\x05\x64type\x18\x10 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x11 \x01(\t\x12\x0f\n\x07\x63reated\x18\x12 \x01(\t\x12\x16\n\x0eloaded_at_unix\x18\x13 \x01(\x01\x12)\n\x07options\x18\x14 \x01(\x0b\x32\x18.chargpt.v1.ModelOptions\x12\x1a\n\x12\x63ontext_characters\x18\x15 \x01(\r\"\xbb\x01\n\x0cModelOptions\x12\x10\n\x08position\x18\x01 \x01(\t\x12\x0c\n\x04norm\x18\x02 \x01(\t\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x0f\n\x07qk_norm\x18\x04 \x01(\x08\x12\x16\n\x0etie_embeddings\x18\x05 \x01(\x08\x12\x0c\n\x04\x62ias\x18\x06 \x01(\x08\x12\x15\n\rlogit_softcap\x18\x07 \x01(\x01\x12\x18\n\x10\x61ttention_window\x18\x08 \x01(\r\x12\x0f\n\x07\x64ropout\x18\t \x01(\x01*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x03\x32\xde\x01\n\rLanguageModel\x12G\n\x08Generate\x12\x1b.chargpt.v1.GenerateRequest\x1a\x1c.chargpt.v1.GenerateResponse0\x01\x12<\n\x05Score\x12\x18.chargpt.v1.ScoreRequest\x1a\x19.chargpt.v1.ScoreResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.chargpt.v1.GetModelInfoRequest\x1a\x15.chargpt.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63hargpt/v1/language_model.proto\x12\nchargpt.v1\"\xa6\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\r\x12\x1e\n\x16\x63haracters_per_message\x18\n \x01(\r\x12\"\n\x1amax_characters_per_message\x18\x0b \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x0cTokenLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"`\n\x0eGeneratedToken\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.chargpt.v1.TokenLogprob\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.chargpt.v1.TokenLogprob\"z\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x06tokens\x18\x02 \x03(\x0b\x32\x1a.chargpt.v1.GeneratedToken\x12,\n\x07summary\x18\x03 \x01(\x0b\x32\x1b.chargpt.v1.GenerateSummary\"@\n\x05Usage\x12\x19\n\x11prompt_characters\x18\x01 \x01(\r\x12\x1c\n\x14generated_characters\x18\x02 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xd4\x01\n\x0fGenerateSummary\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.chargpt.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.chargpt.v1.Usage\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.chargpt.v1.Timings\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12#\n\x05model\x18\x06 \x01(\x0b\x32\x14.chargpt.v1.ModelRef\"0\n\x08ModelRef\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x02 \x01(\t\"-\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\"\xd6\x01\n\rScoreResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x15\n\rtotal_logprob\x18\x02 \x01(\x01\x12\x10\n\x08mean_nll\x18\x03 \x01(\x01\x12\x1a\n\x12\x62its_per_character\x18\x04 \x01(\x01\x12\x12\n\nperplexity\x18\x05 \x01(\x01\x12\x19\n\x11scored_characters\x18\x06 \x01(\r\x12\x1a\n\x12\x63ontext_characters\x18\x07 \x01(\r\x12#\n\x05model\x18\x08 \x01(\x0b\x32\x14.chargpt.v1.ModelRef\"\x15\n\x13GetModelInfoRequest\"\xc0\x03\n\tModelInfo\x12\x12\n\nvocabulary\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x0f\n\x07n_layer\x18\x04 \x01(\r\x12\x0e\n\x06n_head\x18\x05 \x01(\r\x12\x0e\n\x06n_embd\x18\x06 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x07 \x01(\t\x12\x12\n\nparameters\x18\x08 \x01(\x04\x12\x0c\n\x04step\x18\t \x01(\x04\x12\x10\n\x08val_loss\x18\n \x01(\x01\x12\x12\n\ntrain_loss\x18\x0b \x01(\x01\x12\x16\n\x0eweights_sha256\x18\x0c \x01(\t\x12\x10\n\x08run_name\x18\r \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x0e \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0f \x01(\t\x12\r\n\x05\x64type\x18\x10 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x11 \x01(\t\x12\x0f\n\x07\x63reated\x18\x12 \x01(\t\x12\x16\n\x0eloaded_at_unix\x18\x13 \x01(\x01\x12)\n\x07options\x18\x14 \x01(\x0b\x32\x18.chargpt.v1.ModelOptions\x12\x1a\n\x12\x63ontext_characters\x18\x15 \x01(\r\"\xbb\x01\n\x0cModelOptions\x12\x10\n\x08position\x18\x01 \x01(\t\x12\x0c\n\x04norm\x18\x02 \x01(\t\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x0f\n\x07qk_norm\x18\x04 \x01(\x08\x12\x16\n\x0etie_embeddings\x18\x05 \x01(\x08\x12\x0c\n\x04\x62ias\x18\x06 \x01(\x08\x12\x15\n\rlogit_softcap\x18\x07 \x01(\x01\x12\x18\n\x10\x61ttention_window\x18\x08 \x01(\r\x12\x0f\n\x07\x64ropout\x18\t \x01(\x01*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x03\x32\xde\x01\n\rLanguageModel\x12G\n\x08Generate\x12\x1b.chargpt.v1.GenerateRequest\x1a\x1c.chargpt.v1.GenerateResponse0\x01\x12<\n\x05Score\x12\x18.chargpt.v1.ScoreRequest\x1a\x19.chargpt.v1.ScoreResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.chargpt.v1.GetModelInfoRequest\x1a\x15.chargpt.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chargpt.v1.language_model_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1942
-  _globals['_FINISHREASON']._serialized_end=2067
+  _globals['_FINISHREASON']._serialized_start=1978
+  _globals['_FINISHREASON']._serialized_end=2103
   _globals['_GENERATEREQUEST']._serialized_start=48
-  _globals['_GENERATEREQUEST']._serialized_end=306
-  _globals['_TOKENLOGPROB']._serialized_start=308
-  _globals['_TOKENLOGPROB']._serialized_end=365
-  _globals['_GENERATEDTOKEN']._serialized_start=367
-  _globals['_GENERATEDTOKEN']._serialized_end=463
-  _globals['_GENERATERESPONSE']._serialized_start=465
-  _globals['_GENERATERESPONSE']._serialized_end=587
-  _globals['_USAGE']._serialized_start=589
-  _globals['_USAGE']._serialized_end=653
-  _globals['_TIMINGS']._serialized_start=655
-  _globals['_TIMINGS']._serialized_end=747
-  _globals['_GENERATESUMMARY']._serialized_start=750
-  _globals['_GENERATESUMMARY']._serialized_end=962
-  _globals['_MODELREF']._serialized_start=964
-  _globals['_MODELREF']._serialized_end=1012
-  _globals['_SCOREREQUEST']._serialized_start=1014
-  _globals['_SCOREREQUEST']._serialized_end=1059
-  _globals['_SCORERESPONSE']._serialized_start=1062
-  _globals['_SCORERESPONSE']._serialized_end=1276
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1278
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1299
-  _globals['_MODELINFO']._serialized_start=1302
-  _globals['_MODELINFO']._serialized_end=1750
-  _globals['_MODELOPTIONS']._serialized_start=1753
-  _globals['_MODELOPTIONS']._serialized_end=1940
-  _globals['_LANGUAGEMODEL']._serialized_start=2070
-  _globals['_LANGUAGEMODEL']._serialized_end=2292
+  _globals['_GENERATEREQUEST']._serialized_end=342
+  _globals['_TOKENLOGPROB']._serialized_start=344
+  _globals['_TOKENLOGPROB']._serialized_end=401
+  _globals['_GENERATEDTOKEN']._serialized_start=403
+  _globals['_GENERATEDTOKEN']._serialized_end=499
+  _globals['_GENERATERESPONSE']._serialized_start=501
+  _globals['_GENERATERESPONSE']._serialized_end=623
+  _globals['_USAGE']._serialized_start=625
+  _globals['_USAGE']._serialized_end=689
+  _globals['_TIMINGS']._serialized_start=691
+  _globals['_TIMINGS']._serialized_end=783
+  _globals['_GENERATESUMMARY']._serialized_start=786
+  _globals['_GENERATESUMMARY']._serialized_end=998
+  _globals['_MODELREF']._serialized_start=1000
+  _globals['_MODELREF']._serialized_end=1048
+  _globals['_SCOREREQUEST']._serialized_start=1050
+  _globals['_SCOREREQUEST']._serialized_end=1095
+  _globals['_SCORERESPONSE']._serialized_start=1098
+  _globals['_SCORERESPONSE']._serialized_end=1312
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1314
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1335
+  _globals['_MODELINFO']._serialized_start=1338
+  _globals['_MODELINFO']._serialized_end=1786
+  _globals['_MODELOPTIONS']._serialized_start=1789
+  _globals['_MODELOPTIONS']._serialized_end=1976
+  _globals['_LANGUAGEMODEL']._serialized_start=2106
+  _globals['_LANGUAGEMODEL']._serialized_end=2328
 # @@protoc_insertion_point(module_scope)
