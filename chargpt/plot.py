@@ -158,7 +158,7 @@ def plot_speedrun(
 ) -> Path:
     """Validation loss against training seconds: one panel per budget (``panels``: title to
     configuration to its runs), every run thin, the median of each configuration's runs
-    bold. The first tenth of the time (the fast fall from the untrained loss) may rise
+    bold. The first quarter of the time (the fast fall from the untrained loss) may rise
     above the top of the axis, so that the ends, where the recipes differ, can be read."""
     if not panels or not all(runs for configs in panels.values() for runs in configs.values()):
         raise PlotError("nothing to plot: no runs")
@@ -187,7 +187,7 @@ def _speedrun_panel(ax: Axes, title: str, configs: Mapping[str, Sequence[Curve]]
             label=f"{name}: {statistics.median(finals):.4f} (median of {len(runs)})",
         )  # fmt: skip
         end = max(run.train_s[-1] for run in runs)
-        shown += [v for run in runs for t, v in zip(*run.final_val(), strict=True) if t >= end / 10]
+        shown += [v for run in runs for t, v in zip(*run.final_val(), strict=True) if t >= end / 4]
     if shown:
         low, high = min(shown), max(shown)
         margin = max(0.05 * (high - low), 0.01)
