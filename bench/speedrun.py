@@ -1,7 +1,7 @@
 """The CPU presets against nanoGPT's CPU recipe shape, for the same training time.
 
     python -m bench.speedrun [--preset cpu-100s] [--seeds 1337 1338 1339] [--data FILE]
-                             [--baseline-seeds N]
+                             [--baseline-seeds N] [--plot FILE.png]
 
 For each seed, in turns: ``chargpt train --preset P --seed S`` and, with the same time
 budget and seed, nanoGPT's CPU recipe shape (its README's "shakespeare_char on a
@@ -10,7 +10,9 @@ decay to 1e-4, dropout 0) trained by our trainer. Each run is a ``chargpt train`
 process; its numbers come from its ``log.jsonl``: the validation loss over the whole
 validation split at the end (exact, nats per character), the steps, training seconds
 and tokens per second. Prints every run, then the median and spread (min to max) of each
-recipe and the ratio of the medians. ``--preset all`` runs every CPU preset.
+recipe and the ratio of the medians. ``--preset all`` runs every CPU preset. ``--plot``
+draws each run's validation loss against training seconds (thin) and each recipe's median
+(bold), one panel per preset (needs matplotlib: ``pip install 'chargpt[plot]'``).
 
 Wall time counts: run it on a quiet machine.
 """
@@ -25,9 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from chargpt.plot import Curve, PlotError, plot_speedrun, read_log, require_matplotlib
 from trainer.presets import read_preset
 
 CPU_PRESETS = ("cpu-100s", "cpu-10min")
@@ -49,6 +53,7 @@ class Result:
     train_s: float
     wall_s: float
     sample: str
+    curve: Curve  # every evaluation of the run, from its log.jsonl
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,11 +73,17 @@ def train(recipe: str, args: list[str], seed: int, data: Path, work: Path) -> Re
     wall = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"{recipe} (seed {seed}) failed:\n{done.stderr[-2000:]}")
-    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    sample = done.stdout.split("--- sample from the best model ---\n", 1)[-1].split("\n---")[0]
+    return read_result(recipe, seed, out, wall, done.stdout)
+
+
+def read_result(recipe: str, seed: int, out: Path, wall_s: float, stdout: str) -> Result:
+    """What a finished budgeted run in ``out`` logged, and the sample it printed."""
+    log = out / "log.jsonl"
+    last = json.loads(log.read_text().splitlines()[-1])
+    sample = stdout.split("--- sample from the best model ---\n", 1)[-1].split("\n---")[0]
     return Result(
         recipe, seed, last["exact_val_loss"], last["step"], last["tokens"], last["train_s"],
-        wall, sample,
+        wall_s, sample, read_log(log),
     )  # fmt: skip
 
 
@@ -82,7 +93,19 @@ def summary(results: list[Result]) -> tuple[float, float, float]:
     return statistics.median(losses), min(losses), max(losses)
 
 
-def main() -> None:
+def plot(panels: Mapping[str, Mapping[str, Sequence[Result]]], output: Path) -> Path:
+    """Draw ``panels`` (a title, then each recipe's runs) into ``output``."""
+    curves = {
+        title: {name: [r.curve for r in runs] for name, runs in recipes.items()}
+        for title, recipes in panels.items()
+    }
+    try:
+        return plot_speedrun(curves, output)
+    except PlotError as exc:
+        raise SystemExit(f"Error: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu-100s", choices=(*CPU_PRESETS, "all"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
@@ -92,8 +115,20 @@ def main() -> None:
         "--baseline-seeds", type=int, default=None,
         help="run the baseline with only the first N seeds (default: all; 0: none)",
     )  # fmt: skip
-    args = parser.parse_args()
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png",
+        help="draw validation loss against training seconds, every run and the medians",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
     presets = CPU_PRESETS if args.preset == "all" else (args.preset,)
+    if args.plot is not None:  # before minutes of training, not after
+        try:
+            require_matplotlib("bench.speedrun --plot")
+        except PlotError as exc:
+            raise SystemExit(f"Error: {exc}") from None
+        if not args.plot.resolve().parent.is_dir():
+            raise SystemExit(f"Error: cannot write {args.plot}: no such directory")
+    panels: dict[str, dict[str, list[Result]]] = {}
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -108,6 +143,7 @@ def main() -> None:
                 ]  # fmt: skip
             print(f"{preset}: {budget:.0f} s of training, seeds {args.seeds}", flush=True)
             results: dict[str, list[Result]] = {name: [] for name in recipes}
+            panels[f"{preset}: {budget:.0f} s of training"] = results
             baseline_seeds = args.seeds[: args.baseline_seeds]
             for seed in args.seeds:
                 for name, recipe_args in recipes.items():
@@ -137,6 +173,8 @@ def main() -> None:
                 )
             best = min(results[preset], key=lambda r: abs(r.val_loss - medians[preset]))
             print(f"  sample (seed {best.seed}, the median run):\n{best.sample}\n")
+    if args.plot is not None:
+        print(f"plot: {plot(panels, args.plot)}")
 
 
 if __name__ == "__main__":

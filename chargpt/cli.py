@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "health": "server.client_cli:health",
     "sample": "chargpt.cli:sample",
     "info": "chargpt.cli:info",
+    "plot": "chargpt.cli:plot",
 }
 
 
@@ -232,6 +233,32 @@ def info(path: str, as_json: bool) -> None:
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         click.echo(f"{key:>15}: {value}")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="The picture to write; its extension says the format (.png, .svg, .pdf). "
+    "Default: RUN_DIR/loss.png.",
+)
+def plot(run_dir: str, output: str | None) -> None:
+    """Draw a run's train and validation loss against steps (training seconds along the
+    top) from RUN_DIR/log.jsonl; prints the path written. Needs matplotlib
+    (pip install 'chargpt[plot]'). A run still training can be drawn."""
+    from chargpt.plot import MatplotlibMissingError, PlotError, plot_run, read_log
+
+    directory = Path(run_dir)
+    try:
+        curve = read_log(directory / "log.jsonl")
+        target = Path(output) if output else directory / "loss.png"
+        written = plot_run(curve, target, title=directory.resolve().name)
+    except MatplotlibMissingError as exc:
+        raise click.ClickException(str(exc)) from None  # exit 1: the environment, not input
+    except PlotError as exc:
+        raise InputError(str(exc)) from None
+    click.echo(str(written))
 
 
 def _is_zip(path: str) -> bool:
