@@ -113,10 +113,24 @@ def kill_tagged(tag: str) -> None:
                     os.kill(int(entry.name), signal.SIGKILL)
 
 
+def without_settings() -> dict[str, str]:
+    """This process's environment without its ``CHARGPT_*`` settings: what a command a test
+    starts would otherwise read as flags (click's ``auto_envvar_prefix``)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+
+
+@pytest.fixture(autouse=True)
+def no_settings_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test, in process too, sees no ``CHARGPT_*`` setting it did not set itself."""
+    for name in list(os.environ):
+        if name.startswith("CHARGPT_"):
+            monkeypatch.delenv(name)
+
+
 def chargpt_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """This environment without its ``CHARGPT_*`` settings, one OpenMP thread (tiny models:
     two threads on a busy machine are slower), then ``env``."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    full_env = without_settings()
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     return full_env

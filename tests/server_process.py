@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
 import socket
@@ -20,7 +19,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.client import ClientTLS, LanguageModelClient
-from tests.conftest import REPO
+from tests.conftest import REPO, without_settings
 
 SAME: Any = object()  # ServerProcess.connect(): the server's own setting
 
@@ -106,7 +105,7 @@ class ServerProcess:
         )  # fmt: skip
 
     def __enter__(self) -> ServerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+        env = without_settings()
         env.update(self.extra_env)
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(

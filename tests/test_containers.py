@@ -5,7 +5,6 @@ image's health check command tells SERVING from everything else."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -20,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.client import LanguageModelClient
-from tests.conftest import REPO, TINY_MODEL, TINY_SHAKESPEARE
+from tests.conftest import REPO, TINY_MODEL, TINY_SHAKESPEARE, without_settings
 from tests.container_files import (
     compose_service,
     entrypoint,
@@ -36,7 +35,7 @@ def local_environment(service: dict[str, Any], mounts: dict[str, Path]) -> dict[
     for volume in service["volumes"]:
         source, target = volume.split(":")[:2]
         targets[target] = mounts[source]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    env = without_settings()
     for key, value in service["environment"].items():
         value = interpolate(str(value))
         for target, local in targets.items():
@@ -114,7 +113,7 @@ def test_every_dashboard_and_rule_metric_is_exported(trained_run: Path, tmp_path
         server_names = exported_names(server.metrics_text())
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    env = without_settings()
     data = tmp_path / "text.txt"
     data.write_text((TINY_SHAKESPEARE.read_text())[:50_000])
     trainer_proc = subprocess.Popen(

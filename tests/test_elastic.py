@@ -8,7 +8,6 @@ checkpoint, so the run ends with the weights and log of one never interrupted. A
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from chargpt.checkpoint import read_checkpoint
-from tests.conftest import PROCESS_TAG, REPO, TINY_MODEL, kill_tagged, run_chargpt
+from tests.conftest import PROCESS_TAG, REPO, TINY_MODEL, kill_tagged, run_chargpt, without_settings
 from tests.server_process import free_port
 
 needs_torchrun = pytest.mark.skipif(
@@ -34,7 +33,7 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def agent_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    env = without_settings()
     # A restarted group must not read the addresses its previous attempt left in the
     # agents' shared store (docs/deployment.md); the manifests set the same.
     env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONPATH=str(REPO))

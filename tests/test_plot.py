@@ -11,10 +11,9 @@ import pytest
 
 from bench import speedrun
 from chargpt.plot import read_log
-from tests.training import TINY, chargpt, no_settings_in_the_environment
+from tests.training import TINY, chargpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-__all__ = ["no_settings_in_the_environment"]  # autouse here too
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RECORD = {

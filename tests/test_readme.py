@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, TINY_SHAKESPEARE, run_process
+from tests.conftest import REPO, TINY_SHAKESPEARE, run_process, without_settings
 from tests.server_process import free_port
 
 # Lines the test does not run: it runs in the installed project, and inside pytest.
@@ -36,7 +36,7 @@ def test_the_commands_without_docker_run_as_written(tmp_path: Path) -> None:
     ]
     assert [line for line in script if line.startswith("chargpt ")], script
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    env = without_settings()
     env.update(ours)
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # chargpt

@@ -18,7 +18,6 @@ from tests.training import (
     TINY,
     chargpt,
     files_of,
-    no_settings_in_the_environment,
     sigterm_after_step,
 )
 from trainer.config import TrainConfig
@@ -27,7 +26,6 @@ from trainer.presets import PRESETS, read_preset
 from trainer.state import load_train_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-__all__ = ["no_settings_in_the_environment"]  # autouse here too
 
 
 def log_of(out: Path) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ to the kill."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 
 from chargpt.cli import main
 from server.client import LanguageModelClient
-from tests.conftest import REPO
+from tests.conftest import REPO, without_settings
 from tests.replicas import HOSTS, Fleet, fleet, streams
 from tests.server_process import wait_until
 
@@ -87,7 +86,7 @@ def test_streams_spread_over_every_replica(
 
 
 def test_the_command_line_clients_take_a_list_and_a_name(replicas: Fleet) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    env = without_settings()
     listed = ",".join(f"{h}:{replicas.port}" for h in THREE)
     before = sum(replicas.count(h) for h in THREE)
     cases = [
@@ -210,7 +209,7 @@ def test_a_malformed_server_list_is_one_error_naming_the_entry() -> None:
         (["generate", "--server", "127.0.0.1:5000,127.0.0.1:99999"], "'127.0.0.1:99999': no port"),
         (["health", "--server", "dns:///"], "dns:///NAME:PORT"),
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    env = without_settings()
     for args, expected in cases:
         result = subprocess.run([sys.executable, "-m", "chargpt", *args], capture_output=True,
                                 text=True, env=env, cwd=REPO, timeout=120)  # fmt: skip

@@ -5,7 +5,6 @@ TLS on, and the compose example. Every certificate is made here, for this run.""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 import shutil
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from chargpt.checkpoint import atomic_write
 from chargpt.v1 import language_model_pb2 as pb
 from server.client import ClientTLS
 from tests.certificates import CertificateAuthority, Identity
-from tests.conftest import REPO, run_chargpt, run_process
+from tests.conftest import REPO, run_chargpt, run_process, without_settings
 from tests.container_files import healthcheck_command, interpolate
 from tests.server_process import ServerProcess, wait_until
 
@@ -91,7 +90,7 @@ def list_services(channel: grpc.Channel) -> set[str]:
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}, **extra}
+    return {**without_settings(), **extra}
 
 
 # ---- TLS ---------------------------------------------------------------------------------

@@ -17,12 +17,10 @@ from tests.training import (
     TINY,
     chargpt,
     files_of,
-    no_settings_in_the_environment,
     strict_json_lines,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-__all__ = ["no_settings_in_the_environment"]  # autouse here
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from tests.training import (
     chargpt,
     files_of,
     needs_torchrun,
-    no_settings_in_the_environment,
     sigterm_after_step,
     torchrun,
     train_args,
@@ -29,7 +28,6 @@ from trainer.progress import Progress
 from trainer.train import run_training
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-__all__ = ["no_settings_in_the_environment"]  # autouse here too
 
 CONSTANT = [*TINY, "--lr-schedule=constant"]  # a longer run steps like the shorter one
 

@@ -26,13 +26,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def no_settings_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("CHARGPT_"):
-            monkeypatch.delenv(name)
-
-
 def chargpt(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """The exit code, stdout and stderr of ``chargpt ARGS``, run in this process."""
     with pytest.raises(SystemExit) as exited:
