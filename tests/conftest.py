@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,11 +26,20 @@ TINY_SHAKESPEARE = Path(
         "CHARGPT_TINY_SHAKESPEARE", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
     )
 )
-# A model small enough to train in seconds on two CPU cores.
-TINY_MODEL = [
-    "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
-    "--batch-size", "8", "--eval-batch-size", "32", "--sample-length", "0",
-]  # fmt: skip
+# A model small enough to train in seconds on two CPU cores, and still learn something:
+# TrainConfig settings, and the same as ``chargpt train`` flags.
+TINY_MODEL_SETTINGS: dict[str, Any] = {
+    "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 8,
+    "eval_batch_size": 32, "sample_length": 0,
+}  # fmt: skip
+
+
+def flags(settings: dict[str, Any]) -> list[str]:
+    """``{"n_layer": 1}`` as ``["--n-layer=1"]``."""
+    return [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
+
+
+TINY_MODEL = flags(TINY_MODEL_SETTINGS)
 
 
 def make_text(n_chars: int = 20_000, seed: int = 0) -> str:

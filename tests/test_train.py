@@ -11,15 +11,18 @@ import pytest
 import torch
 
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
+from tests.conftest import TINY_MODEL_SETTINGS
 from trainer.config import TrainConfig
 from trainer.progress import Progress
 from trainer.train import run_training
 
 TINY = {
-    "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 8,
-    "eval_batch_size": 32, "sample_length": 0, "max_iters": 40, "eval_interval": 10,
-    "warmup_iters": 5, "learning_rate": 3e-3,
-}  # fmt: skip
+    **TINY_MODEL_SETTINGS,
+    "max_iters": 40,
+    "eval_interval": 10,
+    "warmup_iters": 5,
+    "learning_rate": 3e-3,
+}
 
 
 class Terminal(io.StringIO):

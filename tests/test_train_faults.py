@@ -29,18 +29,15 @@ import pytest
 import torch
 
 from chargpt.checkpoint import read_checkpoint
-from tests.conftest import REPO, chargpt_env, run_process
+from tests.conftest import REPO, chargpt_env, flags, run_process
+from tests.training import TINY_SETTINGS
 from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.progress import Progress
 from trainer.train import run_training
 
-TINY: dict[str, Any] = {
-    "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8, "batch_size": 4,
-    "eval_batch_size": 64, "sample_length": 0, "max_iters": 6, "eval_interval": 2,
-    "warmup_iters": 2, "learning_rate": 3e-3, "device": "cpu",
-}  # fmt: skip
-TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+TINY: dict[str, Any] = {**TINY_SETTINGS, "max_iters": 6, "learning_rate": 3e-3}
+TINY_FLAGS = flags(TINY)
 
 # One evaluation that finds a new best writes these files in this order (trainer/train.py);
 # each point is just before a step of writing the file (trainer.state.save_point).

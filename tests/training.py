@@ -17,13 +17,18 @@ import torch
 
 import trainer.train
 from chargpt.cli import main
-from tests.conftest import REPO, TINY_MODEL, chargpt_env, run_process
+from tests.conftest import REPO, TINY_MODEL, chargpt_env, flags, run_process
 
-TINY = [
-    "--n-layer=1", "--n-head=2", "--n-embd=16", "--block-size=8", "--batch-size=4",
-    "--eval-batch-size=64", "--sample-length=0", "--eval-interval=2", "--warmup-iters=2",
-    "--device=cpu",
-]  # fmt: skip
+# The smallest run, for tests of the trainer's mechanics (faults, guards, resume), not
+# of what it learns: TrainConfig settings, and the same as flags.
+TINY_SETTINGS: dict[str, Any] = {
+    "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8, "batch_size": 4,
+    "eval_batch_size": 64, "sample_length": 0, "eval_interval": 2, "warmup_iters": 2,
+    "device": "cpu",
+}  # fmt: skip
+
+
+TINY = flags(TINY_SETTINGS)
 
 
 def chargpt(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
