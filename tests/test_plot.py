@@ -11,7 +11,7 @@ import pytest
 
 from bench import speedrun
 from chargpt.plot import read_log
-from tests.training import TINY, chargpt
+from tests.training import chargpt, train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,19 +31,11 @@ def assert_png(path: Path) -> None:
     assert matplotlib.image.imread(path).size > 0
 
 
-def tiny_run(capsys: pytest.CaptureFixture[str], data: Path, out: Path, *args: str) -> str:
-    code, stdout, err = chargpt(
-        capsys, "train", "--data", str(data), "--out-dir", str(out), *TINY, *args
-    )
-    assert code == 0, err
-    return stdout
-
-
 def test_chargpt_plot_draws_a_trained_run(
     small_text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    tiny_run(capsys, small_text_file, run, "--max-iters=6")  # evaluations at 2, 4 and 6
+    train_tiny(capsys, small_text_file, run, "--max-iters=6")  # evaluations at 2, 4 and 6
 
     code, out, err = chargpt(capsys, "plot", str(run))
     assert (code, out, err) == (0, f"{run / 'loss.png'}\n", "")
@@ -75,7 +67,7 @@ def test_the_speedrun_plot_draws_every_run_and_the_medians(
         results[recipe] = []
         for seed in seeds:
             out = tmp_path / f"{recipe}-{seed}"
-            stdout = tiny_run(
+            stdout = train_tiny(
                 capsys, small_text_file, out, f"--seed={seed}", "--time-budget=0.3",
                 "--eval-interval=4", "--eval-tokens=64",
             )  # fmt: skip

@@ -15,10 +15,10 @@ import trainer.train
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
 from chargpt.model import GPT
 from tests.training import (
-    TINY,
     chargpt,
     files_of,
     sigterm_after_step,
+    train_tiny,
 )
 from trainer.config import TrainConfig
 from trainer.optim import Optimizers
@@ -32,19 +32,11 @@ def log_of(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def train(capsys: pytest.CaptureFixture[str], data: Path, out: Path, *args: str) -> str:
-    code, stdout, err = chargpt(
-        capsys, "train", "--data", str(data), "--out-dir", str(out), *TINY, *args
-    )
-    assert code == 0, err
-    return stdout
-
-
 def test_a_time_budget_ends_the_run_by_training_time(
     small_text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    stdout = train(
+    stdout = train_tiny(
         capsys, small_text_file, out, "--time-budget=1.5", "--max-iters=1",
         "--eval-interval=1000000", "--eval-tokens=64",
     )  # fmt: skip
@@ -77,7 +69,7 @@ def test_the_schedule_follows_the_fraction_of_the_budget_spent(
     monkeypatch.setattr(trainer.train, "train_step", step_of_one_second)
     out = tmp_path / "out"
     settings = {"time_budget": 20.0, "lr_schedule": "wsd", "decay_fraction": 0.5}
-    train(
+    train_tiny(
         capsys, small_text_file, out, "--eval-interval=1", "--warmup-iters=2",
         *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items()),
     )  # fmt: skip
@@ -144,9 +136,9 @@ def test_resume_with_muon_is_exact(
 ) -> None:
     muon = ["--optimizer=muon", "--muon-learning-rate=0.05", "--lr-schedule=wsd", "--max-iters=8"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train(capsys, small_text_file, straight, *muon)
+    train_tiny(capsys, small_text_file, straight, *muon)
     sigterm_after_step(monkeypatch, 3)
-    train(capsys, small_text_file, stopped, *muon)
+    train_tiny(capsys, small_text_file, stopped, *muon)
     monkeypatch.undo()
     assert load_checkpoint(stopped / "latest.safetensors").info.step == 3
     code, _, err = chargpt(capsys, "train", "--out-dir", str(stopped), "--resume")
@@ -209,7 +201,7 @@ def test_bad_recipe_input_is_one_line_exit_2_and_writes_nothing(
     small_text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    train(capsys, small_text_file, run, "--max-iters=2")
+    train_tiny(capsys, small_text_file, run, "--max-iters=2")
     before = files_of(run)
     cases = [
         (["--time-budget=-1"], "'--time-budget': -1.0 is not in the range x>=0"),

@@ -39,6 +39,15 @@ def chargpt(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return int(exited.value.code or 0), out, err
 
 
+def train_tiny(capsys: pytest.CaptureFixture[str], data: Path, out: Path, *args: str) -> str:
+    """``chargpt train`` of the TINY run in process; its stdout (it must succeed)."""
+    code, stdout, err = chargpt(
+        capsys, "train", "--data", str(data), "--out-dir", str(out), *TINY, *args
+    )
+    assert code == 0, err
+    return stdout
+
+
 def files_of(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
