@@ -94,9 +94,10 @@ def summary(results: list[Result]) -> tuple[float, float, float]:
 
 
 def plot(panels: Mapping[str, Mapping[str, Sequence[Result]]], output: Path) -> Path:
-    """Draw ``panels`` (a title, then each recipe's runs) into ``output``."""
+    """Draw ``panels`` (a title, then each recipe's runs) into ``output``; a recipe with no
+    runs (``--baseline-seeds 0``) is left out."""
     curves = {
-        title: {name: [r.curve for r in runs] for name, runs in recipes.items()}
+        title: {name: [r.curve for r in runs] for name, runs in recipes.items() if runs}
         for title, recipes in panels.items()
     }
     try:

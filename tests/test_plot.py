@@ -78,6 +78,11 @@ def test_the_speedrun_plot_draws_every_run_and_the_medians(
     picture = tmp_path / "speedrun.png"
     assert speedrun.plot({"cpu-100s: 0.3 s of training": results}, picture) == picture
     assert_png(picture)
+    # --baseline-seeds 0: the baseline has no runs, and the presets' are still drawn.
+    no_baseline = tmp_path / "no-baseline.png"
+    panels = {"cpu-100s: 0.3 s of training": {**results, "nanoGPT-cpu": []}}
+    assert speedrun.plot(panels, no_baseline) == no_baseline
+    assert_png(no_baseline)
 
 
 def test_a_missing_matplotlib_is_one_error_line(
