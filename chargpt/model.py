@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -187,80 +187,94 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.n_embd)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _norm(x, self.weight, self.bias, self.rms)
+        if self.rms:
+            return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-def _norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rms: bool
-) -> torch.Tensor:
-    if rms:
-        return F.rms_norm(x, weight.shape, weight, 1e-5)
-    return F.layer_norm(x, weight.shape, weight, bias, 1e-5)
-
-
-class BlockWeights(NamedTuple):
-    """The tensors a block's ``forward`` reads: its parameters themselves."""
-
-    ln1_weight: torch.Tensor
-    ln1_bias: torch.Tensor | None
-    qkv: torch.Tensor
-    proj_weight: torch.Tensor
-    proj_bias: torch.Tensor | None
-    ln2_weight: torch.Tensor
-    ln2_bias: torch.Tensor | None
-    fc_weight: torch.Tensor
-    fc_bias: torch.Tensor | None
-    out_weight: torch.Tensor
-    out_bias: torch.Tensor | None
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
-
-    Its parameters live in small containers whose names make the checkpoint's tensor
-    names; ``forward`` calls the functional ops on them, bound once in ``weights``:
-    looking each up through the module tree on every call (``self.attn.qkv.weight`` is
-    three ``nn.Module.__getattr__`` calls), with a module call per norm, was a sixth of a
-    batch-1 decode step. The binding holds the parameters themselves, which training
-    updates and ``load_state_dict`` copies into in place; ``.to()`` and a load that assigns
-    new tensors rebind it.
-    """
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, the heads' query/key/value projections fused."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        C = config.n_embd
         self.config = config
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        layer: int,
+        last_only: bool,
+    ) -> torch.Tensor:
+        """``x`` (B, T, C); ``mask`` (broadcastable to (B, H, T, S), True = visible) or None
+        for plain causal attention. ``last_only``: the output of the last position only,
+        (B, 1, C), though the keys and values still come from every position."""
+        c = self.config
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, c.n_head, c.head_size).permute(2, 0, 3, 1, 4)
+        qk, v = qkv[:2], qkv[2]  # (B, H, T, hs) each; queries and keys normalised together
+        if c.qk_norm:
+            qk = F.rms_norm(qk, (c.head_size,))
+        if rotary is not None:
+            qk = _rotate(qk, *rotary)
+        q, k = qk.unbind(0)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        if last_only:
+            q, T = q[:, :, -1:], 1
+            mask = None if mask is None else mask[..., -1:, :]
+        # Without a mask: causal over T queries, or one last query that sees every key.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=c.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+        )
+        return _dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)), c.dropout, self.training)
+
+
+class MLP(nn.Module):
+    """The 4x feed-forward: ReLU (the lecture's), squared ReLU or GELU."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.activation == "relu":
+            h = torch.relu(h)
+        elif self.activation == "relu2":
+            h = torch.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return _dropout(self.proj(h), self.dropout, self.training)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # (a plain function, not ``nn.Dropout`` modules: at p = 0, the default, it costs
+    # nothing, where four module calls per block were a tenth of a batch-1 decode step)
+    return F.dropout(x, p, training) if p and training else x
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
         self.ln1 = Norm(config)
-        self.attn = nn.ModuleDict(
-            {"qkv": nn.Linear(C, 3 * C, bias=False), "proj": nn.Linear(C, C, bias=config.bias)}
-        )
+        self.attn = CausalSelfAttention(config)
         self.ln2 = Norm(config)
-        self.ffwd = nn.ModuleDict(
-            {
-                "fc": nn.Linear(C, 4 * C, bias=config.bias),
-                "proj": nn.Linear(4 * C, C, bias=config.bias),
-            }
-        )
-        self._bind()
-        self.register_load_state_dict_post_hook(Block._rebind)
-
-    def _bind(self) -> None:
-        attn, ffwd = self.attn, self.ffwd
-        self.weights = BlockWeights(
-            self.ln1.weight, self.ln1.bias, attn.qkv.weight, attn.proj.weight, attn.proj.bias,
-            self.ln2.weight, self.ln2.bias, ffwd.fc.weight, ffwd.fc.bias,
-            ffwd.proj.weight, ffwd.proj.bias,
-        )  # fmt: skip
-
-    @staticmethod
-    def _rebind(module: nn.Module, incompatible_keys: object) -> None:
-        assert isinstance(module, Block)
-        module._bind()
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Block:
-        super()._apply(fn, recurse)
-        self._bind()
-        return self
+        self.ffwd = MLP(config)
 
     def forward(
         self,
@@ -271,44 +285,10 @@ class Block(nn.Module):
         layer: int = 0,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """``x`` (B, T, C). ``mask`` (broadcastable to (B, H, T, S), True = visible) or None
-        for plain causal attention. ``last_only``: only the last position's output is
-        needed; the block returns (B, 1, C) (its keys and values still come from every
-        position)."""
-        c, w, training = self.config, self.weights, self.training
-        rms = c.norm == "rmsnorm"
-        B, T, C = x.shape
-        qkv = F.linear(_norm(x, w.ln1_weight, w.ln1_bias, rms), w.qkv)
-        qkv = qkv.view(B, T, 3, c.n_head, c.head_size).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
-        qk, v = qkv[:2], qkv[2]  # queries and keys are normalised and rotated together
-        if c.qk_norm:
-            qk = F.rms_norm(qk, (c.head_size,))
-        if rotary is not None:
-            qk = _rotate(qk, *rotary)
-        q, k = qk.unbind(0)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)
-        if last_only:
-            x, q, T = x[:, -1:], q[:, :, -1:], 1
-            mask = None if mask is None else mask[..., -1:, :]
-        dropout = c.dropout if training else 0.0
-        # Without a mask: causal over T queries, or one last query that sees every key.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1
-        )
-        y = F.linear(y.transpose(1, 2).reshape(B, T, C), w.proj_weight, w.proj_bias)
-        x = x + (F.dropout(y, dropout, training) if dropout else y)
-        h = F.linear(_norm(x, w.ln2_weight, w.ln2_bias, rms), w.fc_weight, w.fc_bias)
-        h = F.linear(_activate(h, c.activation), w.out_weight, w.out_bias)
-        return x + (F.dropout(h, dropout, training) if dropout else h)
-
-
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return torch.relu(h)
-    if activation == "relu2":
-        return torch.relu(h).square()
-    return F.gelu(h)
+        """``x`` (B, T, C) to (B, T, C), or (B, 1, C) with ``last_only``."""
+        y = self.attn(self.ln1(x), rotary, mask, kv_cache, layer, last_only)
+        x = (x[:, -1:] if last_only else x) + y
+        return x + self.ffwd(self.ln2(x))
 
 
 def _rotary(
@@ -380,18 +360,17 @@ class GPT(nn.Module):
             mask = None
             if key_positions is not None:
                 mask = _visible(positions, key_positions, c.attention_window)
-        x = F.embedding(idx, self.token_embedding.weight)
+        x = self.token_embedding(idx)
         rotary = None
         if self.position_embedding is not None:
-            x = x + F.embedding(positions, self.position_embedding.weight)
+            x = x + self.position_embedding(positions)
         else:
             rotary = _rotary(positions, c.head_size, x.dtype)
-        if self.training and c.dropout:
-            x = F.dropout(x, c.dropout, True)
+        x = _dropout(x, c.dropout, self.training)
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):  # (``forward``: no module-call overhead)
-            x = block.forward(x, rotary, mask, kv_cache, i, last_only and i == last)
-        logits = self.head(self.ln_f.forward(x))
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, mask, kv_cache, i, last_only and i == last)
+        logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
