@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,15 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from chargpt.model import GPT
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped, resolve_device
+from trainer.batches import Batches, BatchSampler, EvalWindows
 from trainer.config import TrainConfig
-from trainer.data import (
-    BatchSampler,
-    Corpus,
-    DataError,
-    EvalWindows,
-    fetch_tiny_shakespeare,
-    prepare_corpus,
-)
+from trainer.corpus import Corpus, DataError, fetch_tiny_shakespeare, prepare_corpus
 from trainer.distributed import Distributed, SyncCadence
 from trainer.errors import RunError, TrainError, WriteError, failed_write
 from trainer.metrics import TrainerMetrics
@@ -36,8 +30,6 @@ from trainer.progress import Progress
 from trainer.report import Report
 from trainer.resume import load_resumable, restore
 from trainer.state import RunFiles, TrainState, remove, trim_log
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass

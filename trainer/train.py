@@ -36,6 +36,7 @@ from chargpt.checkpoint import load_checkpoint
 from chargpt.model import reference_generate
 from chargpt.runtime import resolve_device
 from chargpt.sampling import SamplingParams
+from trainer.batches import Batches
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
 from trainer.errors import RunError, TrainError, WriteError, diverged, failed_write
@@ -43,7 +44,7 @@ from trainer.optim import Optimizers
 from trainer.progress import Progress
 from trainer.report import Evaluation, Throughput
 from trainer.saving import publish_weights, require_finite_weights, save_latest
-from trainer.setup import Batches, Run, removed_if_unused, setup
+from trainer.setup import Run, removed_if_unused, setup
 from trainer.signals import LateSignalError, StopSignals
 from trainer.state import TrainState
 
