@@ -41,8 +41,9 @@ import torch
 from chargpt.model import GPT
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped
 from chargpt.tokenizer import CharTokenizer
+from trainer.batches import BatchSampler, EvalWindows
 from trainer.config import TrainConfig
-from trainer.data import BatchSampler, Corpus, EvalWindows, prepare_corpus
+from trainer.corpus import Corpus, prepare_corpus
 from trainer.optim import Optimizers
 from trainer.train import train_step
 

@@ -25,7 +25,7 @@ from bench.lecture import PerHeadGPT
 from chargpt.model import GPT
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped
 from trainer.config import TrainConfig
-from trainer.data import Corpus, read_text
+from trainer.corpus import Corpus, read_text
 from trainer.optim import Optimizers
 from trainer.train import train_step
 

@@ -13,18 +13,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import trainer.data as data_module
+import trainer.corpus as corpus_module
 from chargpt.model import GPT, GPTConfig
 from chargpt.tokenizer import CharTokenizer
 from tests.conftest import TINY_SHAKESPEARE, make_text
-from trainer.data import (
+from trainer.batches import BatchSampler, EvalWindows, WindowReader
+from trainer.corpus import (
     CACHE_MAGIC,
     CHUNK_BYTES,
-    BatchSampler,
     Corpus,
     DataError,
-    EvalWindows,
-    WindowReader,
     decode_chunks,
     fetch_tiny_shakespeare,
     prepare_corpus,
@@ -130,7 +128,9 @@ def test_tiny_shakespeare_is_downloaded_once_and_verified(
         fetch_tiny_shakespeare(data_dir, f"{url}/input.txt")
     assert not (data_dir / "tinyshakespeare.txt").exists()
     # Right content (as far as the checksum knows): kept, and not fetched again.
-    monkeypatch.setattr(data_module, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(content).hexdigest())
+    monkeypatch.setattr(
+        corpus_module, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(content).hexdigest()
+    )
     path = fetch_tiny_shakespeare(data_dir, f"{url}/input.txt")
     assert path.read_bytes() == content
     (root / "input.txt").unlink()
@@ -213,7 +213,7 @@ def test_tiny_shakespeare_from_the_cache_is_what_it_was_in_memory(tmp_path: Path
     cache = prepare_corpus(TINY_SHAKESPEARE, tmp_path, block_size=32, log=lambda _: None)
     corpus = Corpus.open(cache, block_size=32)
     assert cache.name == "corpus-86c4e6aa9db7c042.bin"
-    assert corpus.sha256 == data_module.TINY_SHAKESPEARE_SHA256
+    assert corpus.sha256 == corpus_module.TINY_SHAKESPEARE_SHA256
     assert corpus.tokenizer.vocab == tokenizer.vocab and len(tokenizer.vocab) == 65
     assert corpus.train.dtype == np.uint8 and isinstance(corpus.train, np.memmap)
     assert torch.equal(torch.from_numpy(corpus.train.astype(np.int64)), train)
@@ -382,14 +382,14 @@ def test_the_cache_is_published_whole_and_leftovers_are_removed(
 ) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    name = f"corpus-{data_module.file_sha256(small_text_file)[:16]}.bin"
+    name = f"corpus-{corpus_module.file_sha256(small_text_file)[:16]}.bin"
     stale = data_dir / f".{name}.abc123.tmp"  # what a build killed by SIGKILL leaves
     stale.write_bytes(b"partial")
 
     def fail(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data_module.os, "fsync", fail)
+    monkeypatch.setattr(corpus_module.os, "fsync", fail)
     with pytest.raises(DataError, match=r"cannot write the corpus cache .*No space left"):
         prepare_corpus(small_text_file, data_dir, 16, log=lambda _: None)
     assert list(data_dir.iterdir()) == []  # the leftover removed, the failed one too
@@ -401,10 +401,10 @@ def test_the_cache_is_published_whole_and_leftovers_are_removed(
 def test_a_text_that_changes_while_it_is_encoded_is_not_cached(
     tmp_path: Path, small_text_file: Path
 ) -> None:
-    scan = data_module.scan_text(small_text_file)
+    scan = corpus_module.scan_text(small_text_file)
     cache = tmp_path / "corpus.bin"
     with pytest.raises(DataError, match="changed while it was being read"):
-        data_module.write_cache(small_text_file, "0" * 64, scan, cache)
+        corpus_module.write_cache(small_text_file, "0" * 64, scan, cache)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import trainer.state
 import trainer.train
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
 from chargpt.model import GPT
@@ -57,9 +58,10 @@ def test_the_schedule_follows_the_fraction_of_the_budget_spent(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # Each step takes exactly one second of a fake clock; evaluating takes none.
+    # Each step takes exactly one second of a fake clock (the run's stopwatch, on its
+    # TrainState); evaluating takes none.
     clock = [0.0]
-    monkeypatch.setattr(trainer.train, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(trainer.state, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     real_step = trainer.train.train_step
 
     def step_of_one_second(*args: Any) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The training loop in process: architecture options, the progress line."""
+"""The training loop in process: architecture options, the progress line, the scans of
+the weights."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from typing import Any
 import pytest
 import torch
 
+import trainer.saving
+import trainer.train
 from chargpt.checkpoint import load_checkpoint, read_checkpoint
 from tests.conftest import TINY_MODEL_SETTINGS
 from trainer.config import TrainConfig
 from trainer.progress import Progress
+from trainer.setup import Run
 from trainer.train import run_training
 
 TINY = {
@@ -82,3 +86,23 @@ def test_the_progress_line_is_drawn_without_a_metrics_server(
     terminal = Terminal()
     train_quietly(small_text_file, tmp_path / "out", terminal, max_iters=5, metrics_port=0)
     assert "\r[" in terminal.getvalue() and "| loss " in terminal.getvalue()
+
+
+def test_each_save_scans_the_weights_once(
+    small_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scanned: list[int] = []  # the step of each scan for non-finite weights
+    scan = trainer.saving.require_finite_weights
+
+    def counted(run: Run) -> None:
+        scanned.append(run.state.step)
+        scan(run)
+
+    monkeypatch.setattr(trainer.saving, "require_finite_weights", counted)
+    monkeypatch.setattr(trainer.train, "require_finite_weights", counted)
+    train_quietly(small_text_file, tmp_path / "out", max_iters=30)
+    records = [
+        json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()
+    ]
+    assert records[0]["best"]  # it published model.safetensors too
+    assert scanned == [r["step"] for r in records] == [10, 20, 30]

@@ -15,7 +15,7 @@ from click.core import ParameterSource
 
 from chargpt.settings import InputError, LayeredCommand, build, config_option, options
 from trainer.config import TrainConfig
-from trainer.data import DataError
+from trainer.corpus import DataError
 from trainer.distributed import Distributed
 from trainer.errors import RunError, TrainError
 from trainer.presets import read_preset

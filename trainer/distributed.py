@@ -14,6 +14,11 @@ import torch.distributed as torch_dist
 
 T = TypeVar("T")
 
+# On accelerators, steps between the loop's waits for the device: reading the batch loss
+# for the progress line, checking it is finite, and (under DDP) agreeing whether a rank
+# was told to stop.
+SYNC_INTERVAL = 10
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -114,3 +119,26 @@ class Distributed:
         gathered: list[Any] = [None] * self.world_size
         torch_dist.all_gather_object(gathered, obj)
         return gathered
+
+
+@dataclass(frozen=True)
+class SyncCadence:
+    """How often, in steps, the loop waits for the device: decided once per run.
+
+    ``read``: the batch loss is read for the progress line and metrics, every step on CPU
+    (where reading it does not wait) and every ``SYNC_INTERVAL`` steps on an accelerator.
+    ``agree``: the loss is checked to be finite, and the ranks agree on the seconds spent
+    under a budget and on a request to stop; every step for a single process on CPU,
+    otherwise (an accelerator, or a collective under DDP) every ``SYNC_INTERVAL`` steps.
+    """
+
+    read: int
+    agree: int
+
+    @classmethod
+    def of(cls, device: torch.device, dist: Distributed) -> SyncCadence:
+        cpu = device.type == "cpu"
+        return cls(
+            read=1 if cpu else SYNC_INTERVAL,
+            agree=1 if cpu and not dist.enabled else SYNC_INTERVAL,
+        )

@@ -19,8 +19,9 @@ import torch
 
 from chargpt.model import GPT
 from chargpt.settings import build
+from trainer.batches import BatchSampler
 from trainer.config import ARCHITECTURE_FIELDS, NOT_RECORDED, RUN_FIELDS, TrainConfig
-from trainer.data import BatchSampler, Corpus
+from trainer.corpus import Corpus
 from trainer.distributed import Distributed
 from trainer.errors import TrainError
 from trainer.optim import Optimizers

@@ -12,11 +12,6 @@ import torch
 
 from trainer.distributed import Distributed
 
-# On accelerators, steps between the loop's waits for the device: reading the batch loss
-# for the progress line, checking it is finite, and (under DDP) agreeing whether a rank
-# was told to stop.
-SYNC_INTERVAL = 10
-
 
 class LateSignalError(Exception):
     """A signal that came once the loop had ended cuts a block short (the end-of-run sample)."""
@@ -27,9 +22,10 @@ class StopSignals:
 
     While the loop runs, a signal is a request to stop (``received``), which the loop acts
     on between steps; all ranks must stop at the same step, and under DDP they agree by an
-    all-reduce, which waits for the device, so only every ``SYNC_INTERVAL`` steps and at
-    the last step. After ``loop_ended`` the run is saved whatever happens: a signal is only
-    noted (``late``), and cuts short an ``interruptible`` block (the end-of-run sample).
+    all-reduce, which waits for the device, so only every ``interval`` steps (the run's
+    ``SyncCadence.agree``) and at the last step. After ``loop_ended`` the run is saved
+    whatever happens: a signal is only noted (``late``), and cuts short an
+    ``interruptible`` block (the end-of-run sample).
     """
 
     def __init__(self) -> None:
@@ -70,13 +66,13 @@ class StopSignals:
             self._interruptible = False
 
     def check(
-        self, dist: Distributed, device: torch.device, step: int, last: bool
+        self, dist: Distributed, device: torch.device, step: int, last: bool, interval: int
     ) -> signal.Signals | None:
         """The signal to stop for after ``step`` (the run's ``last``?), once every rank
         knows of it (a rank that received none stops for another's, as for SIGTERM)."""
         if not dist.enabled:
             return self.received
-        if step % SYNC_INTERVAL and not last:
+        if step % interval and not last:
             return None
         if dist.any(self.received is not None, device):
             return self.received or signal.SIGTERM

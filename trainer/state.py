@@ -14,10 +14,13 @@ their steps passes a named ``save_point``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import torch
 
 from chargpt.checkpoint import CheckpointError, atomic_write, read_checkpoint
 from trainer.distributed import Distributed
+from trainer.errors import WriteError
 
 RESUME_FORMAT = "chargpt-resume/2"
 # Version 1: the weights lived in latest.safetensors, which resume.pt named by digest.
@@ -34,15 +38,6 @@ RESUME_FORMAT_V1 = "chargpt-resume/1"
 
 class StateError(Exception):
     """``resume.pt`` is missing, unreadable or not a resume file."""
-
-
-class WriteError(Exception):
-    """Writing a file of the run failed (a full disk, an I/O error, a directory removed)."""
-
-    def __init__(self, path: Path, cause: OSError, verb: str = "write") -> None:
-        super().__init__(f"cannot {verb} {path}: {cause.strerror or cause}")
-        self.path = path
-        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -142,7 +137,8 @@ def _logged_step(line: str) -> float:
 class TrainState:
     """Where a run stands. The counters change as the loop runs; the states of the objects
     the loop drives (model, optimizers, random generators) live in those objects and are
-    captured here when the state is saved, and given back to them on resume."""
+    captured here when the state is saved, and given back to them on resume. The run's
+    stopwatch is here too: ``timed_step`` and ``clock`` keep ``elapsed_s`` and ``train_s``."""
 
     run_name: str
     dataset_sha256: str
@@ -159,6 +155,27 @@ class TrainState:
     batch_rng: torch.Tensor | None = None  # BatchSampler's generator, the same on every rank
     torch_rng: list[torch.Tensor] = field(default_factory=list)  # CPU generator, per rank
     cuda_rng: list[torch.Tensor] = field(default_factory=list)  # CUDA generator, per rank
+
+    def __post_init__(self) -> None:
+        self.start_clock()
+
+    def start_clock(self) -> None:
+        """Go on timing from ``elapsed_s`` (over every resume), from now: as the loop starts."""
+        self._clock_zero = time.monotonic() - self.elapsed_s  # not a field: never saved
+
+    def clock(self) -> None:
+        """Bring ``elapsed_s`` up to now."""
+        self.elapsed_s = time.monotonic() - self._clock_zero
+
+    @contextlib.contextmanager
+    def timed_step(self) -> Iterator[None]:
+        """A training step, whose time counts in ``train_s``; ``elapsed_s`` is brought up to
+        its end."""
+        started = time.monotonic()
+        yield
+        ended = time.monotonic()
+        self.elapsed_s = ended - self._clock_zero
+        self.train_s += ended - started
 
 
 def save_train_state(path: Path, state: TrainState) -> None:
