@@ -3,8 +3,11 @@ model of the same width and depth, against the reference generate, in one run.
 
     python -m bench.serve                      (trains both models first, a few minutes)
     python -m bench.serve --lecture PATH --windowed PATH [--streams 1,8,64] [--chars 256]
+                          [--modes eager,compiled]
 
-For each model it starts ``chargpt serve`` as its own process and drives it from this
+For each model, and each decode step (eager: ``--no-compile``; compiled: ``--compile``,
+the compile time shown as the time to SERVING), it starts ``chargpt serve`` as its own
+process and drives it from this
 process (grpc.aio, one event loop) with 1, 8 and 64 concurrent streams of 256-character
 sampled generations, and prints aggregate characters/s, time to first token p50/p99 and
 inter-token latency p50/p99, measured at the client (per character: the gap between the
@@ -12,7 +15,8 @@ arrivals of consecutive characters). With the server idle, it times the referenc
 generate at batch 1 on the lecture-shaped checkpoint (the lecture's own per-head model,
 and ``chargpt.model.reference_generate``) and prints the ratios.
 
-Then fairness: the inter-token latency of a 300-character greedy stream alone and beside
+It ends with the ratio compiled / eager of each figure's characters/s. Then fairness
+(on the first mode): the inter-token latency of a 300-character greedy stream alone and beside
 a 16,384-character Score, and the Score's own time alone and beside the stream.
 """
 
@@ -184,7 +188,7 @@ class Server:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait = [sys.executable, "-m", "chargpt", "health", "--server", self.target,
-                "--wait", "120"]  # fmt: skip
+                "--wait", "900"]  # fmt: skip  # (a compiling server takes minutes)
         if subprocess.run(wait, capture_output=True).returncode:
             self.proc.kill()
             raise SystemExit("server did not become SERVING")
@@ -202,6 +206,11 @@ def main() -> None:
                         help="train the models not given, this many steps each")  # fmt: skip
     parser.add_argument("--data", default=os.environ.get("CHARGPT_TINY_SHAKESPEARE", DEFAULT_DATA))
     parser.add_argument("--streams", default="1,8,64")
+    parser.add_argument(
+        "--modes",
+        default="eager,compiled",
+        help="decode steps to run each model with: eager (--no-compile), compiled (--compile)",
+    )
     parser.add_argument("--chars", type=int, default=256)
     parser.add_argument(
         "--chars-per-message",
@@ -227,25 +236,35 @@ def main() -> None:
         print(f"{args.chars}-character sampled generations; reference generate at batch 1 on "
               f"the lecture-shaped model: the lecture's per-head model {lecture_ref:.0f} "
               f"chars/s, chargpt.model.reference_generate {ours_ref:.0f} chars/s")  # fmt: skip
-        print(f"{'model':>9} {'streams':>7} {'chars/s':>9} {'x lecture':>9} {'x ref':>6} "
-              f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")  # fmt: skip
-        for name, checkpoint in (("lecture", lecture), ("windowed", windowed)):
-            server = Server(checkpoint, args.server_arg)
+        print(f"{'model':>9} {'mode':>8} {'streams':>7} {'chars/s':>9} {'x lecture':>9} "
+              f"{'x ref':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+              f"{'ITL p99':>8}")  # fmt: skip
+        modes = args.modes.split(",")
+        rates: dict[tuple[str, str, int], float] = {}
+        for (name, checkpoint), mode in itertools.product(
+            (("lecture", lecture), ("windowed", windowed)), modes
+        ):
+            flag = "--compile" if mode == "compiled" else "--no-compile"
+            started = time.perf_counter()
+            server = Server(checkpoint, [flag, *args.server_arg])
+            print(f"{name} {mode}: SERVING after {time.perf_counter() - started:.0f} s",
+                  flush=True)  # fmt: skip
             try:
                 for streams in (int(s) for s in args.streams.split(",")):
                     rounds = 4 if streams == 1 else 2 if streams <= 8 else 1
                     r = asyncio.run(
                         drive(server.target, streams, args.chars, rounds, args.chars_per_message)
                     )
+                    rates[name, mode, streams] = r["chars_per_s"]
                     print(
-                        f"{name:>9} {streams:>7} {r['chars_per_s']:>9.0f} "
+                        f"{name:>9} {mode:>8} {streams:>7} {r['chars_per_s']:>9.0f} "
                         f"{r['chars_per_s'] / lecture_ref:>9.1f} "
                         f"{r['chars_per_s'] / ours_ref:>6.2f} {r['ttft_p50'] * 1e3:>7.1f}ms "
                         f"{r['ttft_p99'] * 1e3:>7.1f}ms {r['itl_p50'] * 1e3:>6.2f}ms "
                         f"{r['itl_p99'] * 1e3:>6.2f}ms",
                         flush=True,
                     )
-                if name == "lecture":
+                if name == "lecture" and mode == modes[0]:
                     text = Path(args.data).read_text()[-args.score_chars - 1000 :]
                     f = asyncio.run(fairness(server.target, args.score_chars, text))
                     alone = f["itl_alone"] * 1e3
@@ -259,6 +278,11 @@ def main() -> None:
                     )
             finally:
                 server.close()
+        if {"eager", "compiled"} <= set(modes):
+            for (name, mode, streams), rate in rates.items():
+                if mode == "compiled":
+                    eager = rates[name, "eager", streams]
+                    print(f"compiled / eager, {name}, {streams} streams: {rate / eager:.2f}")
 
 
 if __name__ == "__main__":

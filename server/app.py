@@ -105,7 +105,7 @@ class InferenceServer:
         self.health = health.aio.HealthServicer()
         self.watcher = ModelWatcher(
             Path(config.checkpoint), self.device, self.dtype, config.max_running, self.metrics,
-            self._on_model, config.reload_seconds,
+            self._on_model, config.reload_seconds, config.compile,
         )  # fmt: skip
         self.grpc_server: grpc.aio.Server | None = None
         self.stopping = False  # SIGTERM came: health stays NOT_SERVING whatever loads

@@ -96,6 +96,13 @@ class ServerConfig:
     dtype: str = setting(
         "float32", "Weights and activations dtype; float16 needs a GPU.", choices=DTYPES
     )
+    compile: bool = setting(
+        True,
+        "Compile the decode step (AOTInductor, one graph per batch size 1, 4, 16, ... up "
+        "to --max-running) when a model loads, before it serves; serves eager, with a "
+        "log line, where there is no C++ compiler.",
+        negatable=True,
+    )
     max_running: int = setting(
         64, "Generations decoded together (the batch cap); more wait in the queue.", minimum=1
     )

@@ -24,25 +24,24 @@ from collections.abc import Sequence
 import torch
 
 from chargpt.model import GPT
+from server.compiled import compile_steps
 from server.served import Row, ScoreWork
 
 
 class SlotCache:
-    """Keys and values of up to ``slots`` sequences, and the position in each entry."""
+    """Keys and values of up to ``slots`` sequences, and the position in each entry;
+    ``spare`` more slots that no sequence gets (a compiled step's padding rows use one)."""
 
-    def __init__(self, model: GPT, slots: int) -> None:
+    def __init__(self, model: GPT, slots: int, spare: int = 0) -> None:
         c = model.config
         param = next(model.parameters())
         self.width = c.context
-        shape = (c.n_layer, slots, c.n_head, self.width, c.head_size)
+        self.capacity = slots
+        shape = (c.n_layer, slots + spare, c.n_head, self.width, c.head_size)
         self.keys = torch.zeros(shape, dtype=param.dtype, device=param.device)
         self.values = torch.zeros(shape, dtype=param.dtype, device=param.device)
-        self.positions = torch.full((slots, self.width), -1, device=param.device)
+        self.positions = torch.full((slots + spare, self.width), -1, device=param.device)
         self.owners: list[int] = []  # owners[slot]: the sequence in it
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[1]
 
     def allocate(self, owner: int) -> int | None:
         if len(self.owners) == self.capacity:
@@ -123,13 +122,20 @@ class Decoder:
     """The serving forward passes of one loaded model (inference only). It executes the
     engine's plan: which rows append to their cache and which recompute a window is the
     schedule's decision (``server.served.decodes_from_cache``), and how far each row is
-    computed is the row's own ``computed`` count, which the engine advances."""
+    computed is the row's own ``computed`` count, which the engine advances.
 
-    def __init__(self, model: GPT, slots: int) -> None:
+    With ``compile``, decode steps and window recomputes run compiled graphs
+    (``server/compiled.py``), eager where this machine cannot compile them; prompts and
+    Scores always run eager (their lengths vary)."""
+
+    def __init__(self, model: GPT, slots: int, compile: bool = False) -> None:
         self.model = model
         self.config = model.config
         self.device = next(model.parameters()).device
-        self.cache = SlotCache(model, slots)
+        self.cache = SlotCache(model, slots, spare=1 if compile else 0)
+        self.compiled = (
+            compile_steps(model, self.cache.keys, self.cache.values, slots) if compile else None
+        )
         self.slot_of: dict[int, int] = {}
         self._score_caches: dict[int, tuple[SlotCache, int]] = {}
 
@@ -180,6 +186,8 @@ class Decoder:
     def decode(self, seqs: Sequence[Row]) -> torch.Tensor:
         """Logits (len(seqs), vocab) for the character after each sequence, whose newest
         token is the only one not yet in its slot: one position each, appended."""
+        if self.compiled is not None and (bucket := self.compiled.bucket(len(seqs))) is not None:
+            return self._decode_compiled(seqs, bucket)
         slots = torch.tensor([self.slot_of[s.id] for s in seqs], device=self.device)
         order = torch.argsort(slots)
         ends = [len(s.tokens) for s in seqs]
@@ -196,9 +204,34 @@ class Decoder:
         """Logits (len(seqs), vocab) of each sequence's last ``block_size`` characters from
         position 0 (the lecture's crop): every row has exactly that many, so no padding."""
         block = self.config.block_size
-        ids = torch.tensor([s.tokens[-block:] for s in seqs], device=self.device)
-        logits, _ = self.model(ids, last_only=True)
+        windows = [s.tokens[-block:] for s in seqs]
+        if self.compiled is not None and (bucket := self.compiled.bucket(len(seqs))) is not None:
+            padding = self.compiled.sizes[bucket] - len(seqs)
+            ids = torch.tensor(windows + [[0] * block] * padding, device=self.device)
+            return self.compiled.window(bucket, ids)[: len(seqs)]
+        logits, _ = self.model(torch.tensor(windows, device=self.device), last_only=True)
         return logits[:, -1]
+
+    def _decode_compiled(self, seqs: Sequence[Row], bucket: int) -> torch.Tensor:
+        """``decode`` through the bucket's compiled graph: padding rows (token 0 at position
+        0) use the spare slot, and only the real rows' new keys and values are stored."""
+        assert self.compiled is not None
+        cache, rows = self.cache, len(seqs)
+        padding = self.compiled.sizes[bucket] - rows
+        spare = cache.capacity
+        slots = torch.tensor([self.slot_of[s.id] for s in seqs] + [spare] * padding)
+        positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * padding)
+        tokens = torch.tensor([s.tokens[-1] for s in seqs] + [0] * padding)
+        slots, positions, tokens = (t.to(self.device) for t in (slots, positions, tokens))
+        columns = positions % cache.width
+        cache.positions[slots, columns] = positions
+        logits, keys, values = self.compiled.decode(
+            bucket, tokens, slots, positions, cache.positions[slots], cache.keys, cache.values
+        )
+        # Indexing dims 1 and 3 puts the rows first: entries (rows, n_layer, H, hs).
+        cache.keys[:, slots[:rows], :, columns[:rows]] = keys[:, :rows].transpose(0, 1)
+        cache.values[:, slots[:rows], :, columns[:rows]] = values[:, :rows].transpose(0, 1)
+        return logits[:rows]
 
     def _forward(self, ids: list[list[int]], view: ChunkView, last_only: bool) -> torch.Tensor:
         idx = torch.tensor(ids, device=self.device)

@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def load_served_model(
-    path: Path, device: torch.device, dtype: torch.dtype, cache_slots: int
+    path: Path, device: torch.device, dtype: torch.dtype, cache_slots: int, compile: bool = False
 ) -> ServedModel:
-    """Load and verify a checkpoint; raises CheckpointError if it cannot be served."""
+    """Load and verify a checkpoint; raises CheckpointError if it cannot be served.
+    ``compile``: build the compiled decode step now (``server/compiled.py``), so that
+    the model is published only once it is ready."""
     loaded = load_checkpoint(path, device, dtype)
     try:
         with torch.inference_mode():
@@ -35,7 +37,7 @@ def load_served_model(
         raise CheckpointError(f"{path}: test forward pass failed: {exc}") from exc
     if logits.shape != (1, 1, loaded.info.config.vocab_size) or not torch.isfinite(logits).all():
         raise CheckpointError(f"{path}: test forward pass gave non-finite logits")
-    decoder = Decoder(loaded.model, cache_slots)
+    decoder = Decoder(loaded.model, cache_slots, compile)
     return ServedModel(loaded, str(path), device, dtype, time.time(), decoder)
 
 
@@ -51,6 +53,7 @@ class ModelWatcher:
         metrics: ServerMetrics,
         on_model: Callable[[ServedModel], None],
         poll_seconds: float = 1.0,
+        compile: bool = False,
     ) -> None:
         self.path = path
         self.device = device
@@ -58,6 +61,7 @@ class ModelWatcher:
         self.cache_slots = cache_slots
         self.metrics = metrics
         self.on_model = on_model
+        self.compile = compile
         self._seen: FileSignature | None = None
         self._poller = Poller("model-watcher", self.check_once, poll_seconds)
 
@@ -68,7 +72,9 @@ class ModelWatcher:
             return False
         self._seen = signature
         try:
-            served = load_served_model(self.path, self.device, self.dtype, self.cache_slots)
+            served = load_served_model(
+                self.path, self.device, self.dtype, self.cache_slots, self.compile
+            )
         except CheckpointError as exc:
             self.metrics.reloads.labels("refused").inc()
             log.error("refused checkpoint %s: %s", self.path, exc)

@@ -112,7 +112,9 @@ class ServerProcess:
             [
                 sys.executable, "-m", "chargpt", "serve", "--checkpoint", str(self.checkpoint),
                 "--host", self.host, "--port", str(self.port),
-                "--metrics-port", str(self.metrics_port), "--reload-seconds", "0.2", *self.args,
+                "--metrics-port", str(self.metrics_port), "--reload-seconds", "0.2",
+                # Eager unless a test asks for --compile: compiling takes a minute or more.
+                "--no-compile", *self.args,
             ],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )  # fmt: skip
