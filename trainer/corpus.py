@@ -116,12 +116,6 @@ def decode_chunks(path: Path, chunks: Iterable[bytes] | None = None) -> Iterator
         raise DataError(f"data file {path} is empty")
 
 
-def read_text(path: str | Path) -> tuple[str, str]:
-    """The text of a (small) UTF-8 file, whole, and the sha256 of its bytes."""
-    path = Path(path)
-    return "".join(decode_chunks(path)), file_sha256(path)
-
-
 @dataclass(frozen=True)
 class TextScan:
     vocab: tuple[str, ...]  # sorted: CharTokenizer.from_text's order
@@ -388,12 +382,3 @@ class Corpus:
             cache, dtype, "r", offset=n_train * dtype.itemsize, shape=(header.length - n_train,)
         )
         return cls(CharTokenizer(header.vocab), train, val, header.source_sha256)
-
-    @classmethod
-    def from_text(cls, text: str, sha256: str, block_size: int) -> Corpus:
-        """A corpus held in memory, for small texts."""
-        check_splits(len(text), block_size)
-        tokenizer = CharTokenizer.from_text(text)
-        ids = id_table(tokenizer.vocab, id_dtype(tokenizer.vocab_size))[codepoints(text)]
-        n_train = split_point(len(ids))
-        return cls(tokenizer, ids[:n_train], ids[n_train:], sha256)
