@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from chargpt.declare import check_settings, setting, setting_from
+from chargpt.errors import BadInputError
 from chargpt.model import GPTConfig
 from trainer.presets import PRESETS
 
@@ -35,8 +36,9 @@ RUN_FIELDS = (*ARCHITECTURE_FIELDS, "batch_size", "grad_accum_steps", "seed", "o
 NOT_RECORDED = ("resume", "auto_resume", "overwrite")
 
 
-class ConfigError(ValueError):
-    """A setting is out of range or contradicts another."""
+class ConfigError(BadInputError, ValueError):
+    """A setting is out of range or contradicts another (a ValueError: ``build`` turns it
+    into the command line's one ``Error:`` line)."""
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from typing import BinaryIO
 import numpy as np
 
 from chargpt.checkpoint import atomic_file, atomic_write
+from chargpt.errors import BadInputError
 from chargpt.tokenizer import CharTokenizer
 
 TINY_SHAKESPEARE_URL = (
@@ -54,7 +55,7 @@ CACHE_MAGIC = b"chargpt-corpus-1"  # the cache format's name and version: its la
 ID_DTYPES = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"))
 
 
-class DataError(Exception):
+class DataError(BadInputError):
     """The training text is missing, unreadable or unusable."""
 
 
