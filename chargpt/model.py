@@ -55,6 +55,7 @@ class GPTConfig:
     """
 
     vocab_size: int
+    # block_size: the training sequence length; also the context without a window.
     block_size: int = setting(32, "Context length in characters.", minimum=1)
     n_embd: int = setting(64, "Embedding width.", minimum=1)
     n_head: int = setting(4, "Attention heads per layer (must divide --n-embd).", minimum=1)
@@ -158,19 +159,21 @@ def _check_option(name: str, value: Any, default: object, spec: Setting) -> None
             raise ValueError(f"{name} must be true or false, got {value!r}")
     elif isinstance(default, int):
         _check_int(name, value, minimum=int(spec.minimum or 0))
+        if spec.problem(value):  # a bound beyond the minimum
+            raise ValueError(f"{name} {spec.problem(value)}, got {value!r}")
     elif not (isinstance(value, (int, float)) and spec.problem(value) is None):
         raise ValueError(f"{name} must be {_float_range(spec)}, got {value!r}")
 
 
 def _float_range(spec: Setting) -> str:
-    """``in [0, 1)`` for two bounds, ``a finite number >= 0`` for a lower one."""
-    if spec.below is not None or spec.maximum is not None:
-        low = "(" if spec.above is not None else "["
-        high = ")" if spec.below is not None else "]"
-        lowest = spec.above if spec.above is not None else spec.minimum
-        highest = spec.below if spec.below is not None else spec.maximum
-        return f"in {low}{lowest:g}, {highest:g}{high}"
-    return f"a finite number >= {spec.minimum:g}"
+    """What a float option must be: ``in [0, 1)`` between two bounds, else, say, ``a finite
+    number >= 0``."""
+    low = (spec.minimum, "[", ">=") if spec.above is None else (spec.above, "(", ">")
+    high = (spec.maximum, "]", "<=") if spec.below is None else (spec.below, ")", "<")
+    if low[0] is not None and high[0] is not None:
+        return f"in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}"
+    bounds = [f" {sign} {bound:g}" for bound, _, sign in (low, high) if bound is not None]
+    return "a finite number" + "".join(bounds)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
