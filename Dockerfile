@@ -27,6 +27,7 @@ COPY pyproject.toml README.md ./
 COPY chargpt ./chargpt
 COPY trainer ./trainer
 COPY server ./server
+COPY client ./client
 RUN pip install .
 # Nothing at run time builds, tests or installs: drop the wheel's C++ headers and test suite,
 # its test binaries (torch_shm_manager stays: shared-memory tensors need it), and pip.

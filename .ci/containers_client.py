@@ -17,7 +17,7 @@ had started finished whole.
   when the server turns NOT_SERVING must finish whole; calls after that may be refused
   with UNAVAILABLE, before any character.
 
-Only the public client (``server.client``) and the chargpt.v1 / grpc.health.v1 APIs.
+Only the public client (``client.api``) and the chargpt.v1 / grpc.health.v1 APIs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from chargpt.v1 import language_model_pb2 as pb
-from server.client import LanguageModelClient
+from client.api import LanguageModelClient
 
 PROMPT = "ROMEO:"
 WORKERS = 3

@@ -18,14 +18,14 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.lecture import PerHeadGPT
 from chargpt.model import GPT
 from chargpt.runtime import configure_cpu_threads, keep_freed_memory_mapped
+from chargpt.tokenizer import CharTokenizer
 from trainer.config import TrainConfig
-from trainer.corpus import Corpus, read_text
+from trainer.corpus import split_point
 from trainer.optim import Optimizers
 from trainer.train import train_step
 
@@ -43,10 +43,11 @@ def main() -> None:
     keep_freed_memory_mapped()
     threads = configure_cpu_threads()
     cfg = TrainConfig()
-    text, sha = read_text(args.data)
-    corpus = Corpus.from_text(text, sha, cfg.block_size)
-    data = torch.from_numpy(corpus.train.astype(np.int64))
-    config = cfg.model_config(corpus.tokenizer.vocab_size)
+    text = Path(args.data).read_bytes().decode("utf-8")
+    tokenizer = CharTokenizer.from_text(text)
+    ids = tokenizer.encode(text)
+    data = torch.tensor(ids[: split_point(len(ids))])  # the training split, int64
+    config = cfg.model_config(tokenizer.vocab_size)
     generator = torch.Generator().manual_seed(0)
     total = args.warmup + args.steps
     starts = [

@@ -1,5 +1,5 @@
 """The ``chargpt`` command: a click group whose subcommands live with their programs
-(``trainer.cli``, ``server.cli``, ``server.client_cli``) and load on first use."""
+(``trainer.cli``, ``server.cli``, ``client.cli``) and load on first use."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 SUBCOMMANDS = {
     "train": "trainer.cli:train",
     "serve": "server.cli:serve",
-    "generate": "server.client_cli:generate",
-    "score": "server.client_cli:score",
-    "health": "server.client_cli:health",
+    "generate": "client.cli:generate",
+    "score": "client.cli:score",
+    "health": "client.cli:health",
     "sample": "chargpt.cli:sample",
     "info": "chargpt.cli:info",
     "plot": "chargpt.cli:plot",

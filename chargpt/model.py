@@ -30,7 +30,6 @@ alike: with a ``KVCache`` the new positions attend to the cached ones as well.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chargpt.declare import Setting, setting, settings_of
 from chargpt.sampling import SamplingParams, sample_next
 
 POSITIONS = ("learned", "rope")
@@ -48,49 +48,49 @@ ROPE_BASE = 10_000.0
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The architecture. Defaults are the lecture's (except ``vocab_size``, from the data)."""
+    """The architecture. Defaults are the lecture's (except ``vocab_size``, from the data).
+
+    Each option is declared once here, with its help and range: ``chargpt train`` takes it
+    as a flag (``trainer/config.py``) and ``GetModelInfo`` reports it.
+    """
 
     vocab_size: int
-    block_size: int = 32  # training sequence length; also the context without a window
-    n_embd: int = 64
-    n_head: int = 4
-    n_layer: int = 8
-    dropout: float = 0.0
-    position: str = "learned"  # "learned" table of block_size positions, or "rope"
-    norm: str = "layernorm"
-    activation: str = "relu"  # relu, relu2 (squared ReLU) or gelu
-    qk_norm: bool = False  # RMS-normalise queries and keys per head
-    tie_embeddings: bool = False  # the head is the token embedding (and has no bias)
-    bias: bool = True  # biases in linear layers and LayerNorms
-    logit_softcap: float = 0.0  # 0 = off; else C * tanh(logits / C)
-    attention_window: int = 0  # 0 = off; else each position sees itself and W - 1 before it
+    # block_size: the training sequence length; also the context without a window.
+    block_size: int = setting(32, "Context length in characters.", minimum=1)
+    n_embd: int = setting(64, "Embedding width.", minimum=1)
+    n_head: int = setting(4, "Attention heads per layer (must divide --n-embd).", minimum=1)
+    n_layer: int = setting(8, "Transformer blocks.", minimum=1)
+    dropout: float = setting(0.0, "Dropout probability.", minimum=0, below=1)
+    # Options beyond the lecture's model.
+    position: str = setting(
+        "learned",
+        "Positions: a learned table (the lecture's) or rotary embeddings (rope) on queries "
+        "and keys.",
+        choices=POSITIONS,
+    )
+    norm: str = setting("layernorm", "Normalisation before each sublayer.", choices=NORMS)
+    activation: str = setting(
+        "relu", "Feed-forward activation (relu2 = squared ReLU).", choices=ACTIVATIONS
+    )
+    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before attention.")
+    tie_embeddings: bool = setting(False, "The output head reuses the token embedding.")
+    bias: bool = setting(True, "Biases in linear layers and LayerNorms.", negatable=True)
+    logit_softcap: float = setting(
+        0.0, "Soft-cap the logits at C: C * tanh(logits / C) (0 = off).", minimum=0
+    )
+    attention_window: int = setting(
+        0,
+        "Sliding-window attention: each position sees itself and the W - 1 before it "
+        "(0 = off). Needs --position rope; at most --block-size.",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("attention_window", self.attention_window, minimum=0)
-        for name in ("qk_norm", "tie_embeddings", "bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name, choices in (
-            ("position", POSITIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
-        ):  # fmt: skip
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
-                )
+        _check_int("vocab_size", self.vocab_size, minimum=1)
+        for field, spec in settings_of(GPTConfig):  # the declared ranges, strictly typed
+            _check_option(field.name, getattr(self, field.name), field.default, spec)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not (
-            isinstance(self.logit_softcap, (int, float))
-            and math.isfinite(self.logit_softcap)
-            and self.logit_softcap >= 0
-        ):
-            raise ValueError(
-                f"logit_softcap must be a finite number >= 0, got {self.logit_softcap}"
-            )
         if self.position == "rope" and self.head_size % 2:
             raise ValueError(
                 f"position rope needs an even head size, but n_embd / n_head = {self.head_size}"
@@ -147,6 +147,33 @@ class GPTConfig:
             f"logit soft-cap {self.logit_softcap:g}" if self.logit_softcap else "",
         ]
         return "decoder-only transformer: " + ", ".join(p for p in parts if p)
+
+
+def _check_option(name: str, value: Any, default: object, spec: Setting) -> None:
+    """``value`` of the option ``name`` against its declaration; of its default's type."""
+    if spec.choices is not None:
+        if value not in spec.choices:
+            raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, got {value!r}")
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        _check_int(name, value, minimum=int(spec.minimum or 0))
+        if spec.problem(value):  # a bound beyond the minimum
+            raise ValueError(f"{name} {spec.problem(value)}, got {value!r}")
+    elif not (isinstance(value, (int, float)) and spec.problem(value) is None):
+        raise ValueError(f"{name} must be {_float_range(spec)}, got {value!r}")
+
+
+def _float_range(spec: Setting) -> str:
+    """What a float option must be: ``in [0, 1)`` between two bounds, else, say, ``a finite
+    number >= 0``."""
+    low = (spec.minimum, "[", ">=") if spec.above is None else (spec.above, "(", ">")
+    high = (spec.maximum, "]", "<=") if spec.below is None else (spec.below, ")", "<")
+    if low[0] is not None and high[0] is not None:
+        return f"in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}"
+    bounds = [f" {sign} {bound:g}" for bound, _, sign in (low, high) if bound is not None]
+    return "a finite number" + "".join(bounds)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -1,4 +1,5 @@
-"""Command settings declared once, on a frozen dataclass, and layered from four sources.
+"""Command settings declared once, on a frozen dataclass, and layered from four sources:
+the click adapter of ``chargpt.declare``'s click-free declarations.
 
 Each field carries its default, its help text and its range or choices::
 
@@ -53,21 +54,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import operator
 import tomllib
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import click
 from click.core import ParameterSource
 
+# The declarations themselves are click-free (chargpt.declare); they are named here too, so
+# that a command's settings come from one import.
+from chargpt.declare import REQUIRED, Setting, check_settings, setting, settings_of
+
+__all__ = [
+    "REQUIRED",
+    "InputError",
+    "LayeredCommand",
+    "Setting",
+    "build",
+    "check_settings",
+    "config_option",
+    "option",
+    "options",
+    "sampling_options",
+    "setting",
+    "settings_of",
+]
+
 ENV_PREFIX = "CHARGPT_"
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
-_SETTING = "chargpt.setting"
-REQUIRED: Any = dataclasses.MISSING  # setting(REQUIRED, ...): no default; the flag is required
 
 
 class InputError(click.ClickException):
@@ -76,61 +93,28 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """What a ``setting`` field says about itself besides its default."""
-
-    help: str
-    minimum: float | None = None  # value >= minimum
-    maximum: float | None = None  # value <= maximum
-    above: float | None = None  # value > above
-    below: float | None = None  # value < below
-    choices: tuple[str, ...] | None = None
-    type: click.ParamType | None = None  # overrides the type inferred from the annotation
-    negatable: bool = False  # a bool shown as --name/--no-name rather than a bare --name
-
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with ``value`` (``"must be ..."``), or None."""
-        if value is None:
-            return None
-        if self.choices is not None:
-            return None if value in self.choices else f"must be one of {', '.join(self.choices)}"
-        declared = (
-            (self.minimum, ">=", operator.ge),
-            (self.above, ">", operator.gt),
-            (self.maximum, "<=", operator.le),
-            (self.below, "<", operator.lt),
-        )
-        bounds = [(bound, sign, holds) for bound, sign, holds in declared if bound is not None]
-        if not all(holds(value, bound) for bound, _, holds in bounds):  # NaN satisfies none
-            return "must be " + " and ".join(f"{s} {_number(bound)}" for bound, s, _ in bounds)
-        if isinstance(value, float) and not math.isfinite(value):
-            return "must be a finite number"
-        return None
-
-    def click_type(self, annotation: Any) -> click.ParamType | None:
-        if self.type is not None:
-            return self.type
-        if self.choices is not None:
-            return click.Choice(self.choices)
-        if annotation is float:
-            return FiniteFloat(**self._range())
-        if annotation is int:
-            bounded = (self.minimum, self.above, self.maximum, self.below) != (None,) * 4
-            return click.IntRange(**self._range()) if bounded else click.INT
-        return None  # click's default: text
-
-    def _range(self) -> dict[str, Any]:
-        return {
-            "min": self.above if self.above is not None else self.minimum,
-            "max": self.below if self.below is not None else self.maximum,
-            "min_open": self.above is not None,
-            "max_open": self.below is not None,
-        }
+def click_type(spec: Setting, annotation: Any) -> click.ParamType | None:
+    """The click type of a ``setting`` field: its own ``type``, else one that follows the
+    annotation and the declared range or choices."""
+    if spec.type is not None:
+        return spec.type  # type: ignore[no-any-return]
+    if spec.choices is not None:
+        return click.Choice(spec.choices)
+    if annotation is float:
+        return FiniteFloat(**_range(spec))
+    if annotation is int:
+        bounded = (spec.minimum, spec.above, spec.maximum, spec.below) != (None,) * 4
+        return click.IntRange(**_range(spec)) if bounded else click.INT
+    return None  # click's default: text
 
 
-def _number(bound: float) -> str:
-    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+def _range(spec: Setting) -> dict[str, Any]:
+    return {
+        "min": spec.above if spec.above is not None else spec.minimum,
+        "max": spec.below if spec.below is not None else spec.maximum,
+        "min_open": spec.above is not None,
+        "max_open": spec.below is not None,
+    }
 
 
 class FiniteFloat(click.FloatRange):
@@ -161,50 +145,6 @@ class SettingOption(click.Option):
         return super().get_error_hint(ctx)
 
 
-def setting(
-    default: T,
-    help: str,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    choices: Sequence[str] | None = None,
-    type: click.ParamType | None = None,
-    negatable: bool = False,
-) -> T:
-    """A dataclass field that is also a command-line setting (see the module docstring).
-
-    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones. A
-    ``default`` of ``REQUIRED`` makes a field without a default and a required option.
-    """
-    spec = Setting(
-        help=help,
-        minimum=minimum,
-        maximum=maximum,
-        above=above,
-        below=below,
-        choices=tuple(choices) if choices is not None else None,
-        type=type,
-        negatable=negatable,
-    )
-    return dataclasses.field(default=default, metadata={_SETTING: spec})  # type: ignore[no-any-return]
-
-
-def settings_of(cls: type) -> list[tuple[dataclasses.Field[Any], Setting]]:
-    """The ``setting`` fields of a dataclass, in declaration order."""
-    return [(f, f.metadata[_SETTING]) for f in dataclasses.fields(cls) if _SETTING in f.metadata]
-
-
-def check_settings(instance: object) -> None:
-    """Raise ValueError naming the first field outside its declared range or choices."""
-    for field, spec in settings_of(type(instance)):
-        value = getattr(instance, field.name)
-        problem = spec.problem(value)
-        if problem:
-            raise ValueError(f"{field.name} {problem}, got {value!r}")
-
-
 def options(*classes: type) -> Callable[[F], F]:
     """Decorator: one click option per ``setting`` field of ``classes``, in order."""
 
@@ -230,7 +170,7 @@ def _option(field: dataclasses.Field[Any], spec: Setting, annotation: Any) -> Ca
         if spec.negatable:
             return option(f"{flag}/--no-{flag[2:]}", **attrs)
         return option(flag, is_flag=True, **attrs)
-    return option(flag, type=spec.click_type(annotation), **attrs)
+    return option(flag, type=click_type(spec, annotation), **attrs)
 
 
 def _unwrap_optional(annotation: Any) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from server.credentials import CredentialError, read_tokens
+from chargpt.credentials import CredentialError, read_tokens
 from server.errors import RequestError
 from server.metrics import ServerMetrics
 from server.watch import Poller, file_signature

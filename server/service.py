@@ -44,6 +44,9 @@ SUMMARY_REASONS = {
     FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
 }
 T = TypeVar("T")
+# ModelOptions' fields are GPTConfig's of the same names (tests/test_proto.py checks that
+# every GPTConfig field is on ModelInfo or ModelOptions).
+MODEL_OPTIONS = tuple(field.name for field in pb.ModelOptions.DESCRIPTOR.fields)
 
 
 @dataclass(frozen=True)
@@ -280,17 +283,7 @@ class LanguageModelService:
             checkpoint_path=served.path,
             created=info.created,
             loaded_at_unix=served.loaded_at,
-            options=pb.ModelOptions(
-                position=config.position,
-                norm=config.norm,
-                activation=config.activation,
-                qk_norm=config.qk_norm,
-                tie_embeddings=config.tie_embeddings,
-                bias=config.bias,
-                logit_softcap=config.logit_softcap,
-                attention_window=config.attention_window,
-                dropout=config.dropout,
-            ),
+            options=pb.ModelOptions(**{name: getattr(config, name) for name in MODEL_OPTIONS}),
             context_characters=config.context,
         )
 

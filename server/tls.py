@@ -16,7 +16,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
-from server.credentials import CredentialError, read_credential
+from chargpt.credentials import CredentialError, read_credential
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from chargpt.v1 import language_model_pb2 as pb
-from server.client import LanguageModelClient
+from client.api import LanguageModelClient
 from tests.dns_server import DNSServer
 from tests.server_process import ServerProcess, port_free_on, wait_until
 

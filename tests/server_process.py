@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.client import ClientTLS, LanguageModelClient
+from client.api import ClientTLS, LanguageModelClient
 from tests.conftest import REPO, without_settings
 
 SAME: Any = object()  # ServerProcess.connect(): the server's own setting

@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 import pytest
 
+from chargpt.credentials import CredentialError, parse_tokens, read_tokens
 from server.app import exposure_warning, is_loopback
 from server.auth import TokenAuthInterceptor, TokenFile, TokenSet, bearer_token
 from server.config import ServerConfig
-from server.credentials import CredentialError, parse_tokens, read_tokens
 from server.metrics import ServerMetrics
 
 ALICE = "alice-0123456789abcdef"

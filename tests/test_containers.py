@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.client import LanguageModelClient
+from client.api import LanguageModelClient
 from tests.conftest import REPO, TINY_MODEL, TINY_SHAKESPEARE, without_settings
 from tests.container_files import (
     compose_service,

@@ -23,11 +23,31 @@ from trainer.corpus import (
     CHUNK_BYTES,
     Corpus,
     DataError,
+    check_splits,
+    codepoints,
     decode_chunks,
     fetch_tiny_shakespeare,
+    file_sha256,
+    id_dtype,
+    id_table,
     prepare_corpus,
-    read_text,
+    split_point,
 )
+
+
+def read_text(path: Path) -> tuple[str, str]:
+    """The text of a (small) UTF-8 file, whole, and the sha256 of its bytes."""
+    return "".join(decode_chunks(path)), file_sha256(path)
+
+
+def corpus_from_text(text: str, sha256: str, block_size: int) -> Corpus:
+    """A corpus held in memory, encoded in one go: what ``prepare_corpus`` and
+    ``Corpus.open`` must give, a chunk at a time, from a file."""
+    check_splits(len(text), block_size)
+    tokenizer = CharTokenizer.from_text(text)
+    ids = id_table(tokenizer.vocab, id_dtype(tokenizer.vocab_size))[codepoints(text)]
+    n_train = split_point(len(ids))
+    return Corpus(tokenizer, ids[:n_train], ids[n_train:], sha256)
 
 
 def test_read_text_returns_text_and_sha256(tmp_path: Path) -> None:
@@ -55,14 +75,14 @@ def test_unusable_files_are_named(tmp_path: Path, content: bytes, message: str) 
 
 def test_corpus_splits_ninety_ten_and_needs_a_block_per_split() -> None:
     text = "abcdefghij" * 10
-    corpus = Corpus.from_text(text, "sha", block_size=8)
+    corpus = corpus_from_text(text, "sha", block_size=8)
     assert (len(corpus.train), len(corpus.val)) == (90, 10)
     with pytest.raises(DataError, match="block_size \\+ 1 = 11"):
-        Corpus.from_text(text, "sha", block_size=10)
+        corpus_from_text(text, "sha", block_size=10)
 
 
 def test_covering_windows_score_every_validation_character_once() -> None:
-    data = torch.arange(1, 104)  # 103 characters -> 102 targets
+    data = np.arange(1, 104)  # 103 characters -> 102 targets
     windows = EvalWindows.covering(data, block_size=8)
     assert windows.num_targets == 102
     targets = torch.cat([y.flatten() for _, y in windows.batches(batch_size=5)])
@@ -76,7 +96,7 @@ def test_covering_windows_score_every_validation_character_once() -> None:
 
 
 def test_spread_windows_are_a_fixed_sample_of_the_requested_size() -> None:
-    data = torch.arange(1000)
+    data = np.arange(1000)
     a = EvalWindows.spread(data, block_size=8, n_targets=100)
     b = EvalWindows.spread(data, block_size=8, n_targets=100)
     assert a.num_targets == 100
@@ -85,7 +105,7 @@ def test_spread_windows_are_a_fixed_sample_of_the_requested_size() -> None:
 
 
 def test_batch_sampler_is_seeded_and_ranks_share_one_draw() -> None:
-    data = torch.arange(500)
+    data = np.arange(500)
     single = BatchSampler(data, 8, 4, seed=3, rank=0, world_size=1)
     x, y = single.next_batch()
     assert x.shape == (4, 8) and torch.equal(y, x + 1)
@@ -259,7 +279,7 @@ def test_the_cache_holds_the_smallest_type_for_the_vocabulary(
     corpus = Corpus.open(prepare_corpus(source, tmp_path, 8, log=lambda _: None), 8)
     assert corpus.train.dtype == dtype
     assert corpus.tokenizer.vocab == tuple(sorted(set(text)))
-    expected = Corpus.from_text(text, "", 8)
+    expected = corpus_from_text(text, "", 8)
     assert np.array_equal(corpus.train, expected.train)
     assert np.array_equal(corpus.val, expected.val)
     assert corpus.tokenizer.decode(corpus.val[:5].tolist()) == text[len(corpus.train) :][:5]
@@ -423,7 +443,7 @@ def test_a_large_corpus_is_read_through_a_map_made_anew(
     # A map keeps resident every page it touched: a whole run through one map of a large
     # corpus would hold all of it. Every REMAP_AFTER windows the reader maps it afresh.
     corpus = Corpus.open(prepare_corpus(small_text_file, tmp_path, 8, log=lambda _: None), 8)
-    expected = Corpus.from_text(small_text_file.read_text(), "", 8).train
+    expected = corpus_from_text(small_text_file.read_text(), "", 8).train
     index = torch.arange(100)[:, None] + torch.arange(9)  # 100 windows
     for keep_bytes, remapped in ((1 << 30, False), (0, True)):
         monkeypatch.setattr(WindowReader, "KEEP_BYTES", keep_bytes)

@@ -21,7 +21,7 @@ import grpc
 import pytest
 import yaml
 
-from server.client import LanguageModelClient
+from client.api import LanguageModelClient
 from tests.replicas import HOSTS, NAME, Fleet, fleet, streams
 from tests.server_process import free_port, wait_until
 

@@ -21,8 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from client.api import SERVICE_NAME
 from server.app import LIVENESS
-from server.client import SERVICE_NAME
 from server.metrics import ServerMetrics
 from tests.conftest import REPO
 

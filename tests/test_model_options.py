@@ -156,6 +156,31 @@ def test_combinations_that_cannot_work_are_refused(options: dict, message: str) 
         dataclasses.replace(BASE, **options)
 
 
+def test_the_trainer_takes_every_option_as_the_model_declares_it() -> None:
+    """One declaration: each GPTConfig setting is a TrainConfig field with its default,
+    help and range (and type), so ``chargpt train --help`` says what the model says."""
+    from chargpt.declare import settings_of
+    from trainer.config import TrainConfig
+
+    trainer = {field.name: (field, spec) for field, spec in settings_of(TrainConfig)}
+    declared = settings_of(GPTConfig)
+    assert [field.name for field, _ in declared] == [
+        f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"
+    ]
+    for field, spec in declared:
+        taken, taken_spec = trainer[field.name]
+        assert (taken.default, taken.type, taken_spec) == (field.default, field.type, spec)
+
+
+def test_the_model_is_declared_without_click() -> None:
+    import subprocess
+    import sys
+
+    check = "import sys, chargpt.model; assert 'click' not in sys.modules, 'click imported'"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("name", OPTIONS)
 def test_every_option_round_trips_through_the_checkpoint(name: str, tmp_path: Path) -> None:
     config = dataclasses.replace(BASE, **OPTIONS[name])

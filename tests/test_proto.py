@@ -25,3 +25,18 @@ def test_generated_modules_match_the_proto(tmp_path: Path) -> None:
             "-I proto --python_out=. --pyi_out=. --grpc_python_out=. "
             "proto/chargpt/v1/language_model.proto"
         )
+
+
+def test_every_model_option_is_reported_by_get_model_info() -> None:
+    """GetModelInfo fills ModelOptions from the GPTConfig fields of the same names, so
+    each GPTConfig field needs a field on ModelInfo or ModelOptions, of its name."""
+    from dataclasses import fields
+
+    from chargpt.model import GPTConfig
+    from chargpt.v1 import language_model_pb2 as pb
+
+    info = {f.name for f in pb.ModelInfo.DESCRIPTOR.fields}
+    options = {f.name for f in pb.ModelOptions.DESCRIPTOR.fields}
+    config = {f.name for f in fields(GPTConfig)}
+    assert options <= config, options - config
+    assert config <= info | options, config - info - options

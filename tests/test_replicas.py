@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from chargpt.cli import main
-from server.client import LanguageModelClient
+from client.api import LanguageModelClient
 from tests.conftest import REPO, without_settings
 from tests.replicas import HOSTS, Fleet, fleet, streams
 from tests.server_process import wait_until

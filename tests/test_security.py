@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chargpt.checkpoint import atomic_write
 from chargpt.v1 import language_model_pb2 as pb
-from server.client import ClientTLS
+from client.api import ClientTLS
 from tests.certificates import CertificateAuthority, Identity
 from tests.conftest import REPO, run_chargpt, run_process, without_settings
 from tests.container_files import healthcheck_command, interpolate

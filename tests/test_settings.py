@@ -241,7 +241,7 @@ def test_sample_and_generate_refuse_the_same_sampling_values(flag: str, value: s
     """One declaration of the sampling flags: the offline sampler and the gRPC client
     refuse the same values, before loading a model or connecting to a server."""
     from chargpt.cli import sample
-    from server.client_cli import generate
+    from client.cli import generate
 
     for command, args in ((sample, ["model.safetensors"]), (generate, ["ROMEO:"])):
         result = CliRunner().invoke(command, [*args, flag, value])

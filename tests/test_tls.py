@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from server.client import ClientTLS
-from server.client_cli import Connection, connection_hint
-from server.credentials import CredentialError
+from chargpt.credentials import CredentialError
+from client.api import ClientTLS
+from client.cli import Connection, connection_hint
 from server.tls import load_server_tls
 from tests.certificates import CertificateAuthority
 

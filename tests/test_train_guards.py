@@ -217,3 +217,16 @@ def test_a_second_sigterm_during_shutdown_changes_nothing(
     result = signalled("shutdown:SIGINT", *args, "--max-iters=4")
     assert result.returncode == 0, result.stderr
     assert "SIGINT: the run is complete (step 4)" in result.stdout
+
+
+def test_bad_input_to_a_run_is_one_family() -> None:
+    """Whatever a run refuses before it writes anything is a BadInputError, which the
+    command line shows as one ``Error:`` line, exit 2; ConfigError stays a ValueError, as
+    the settings' checks raise it."""
+    from chargpt.errors import BadInputError
+    from trainer.config import ConfigError
+    from trainer.corpus import DataError
+    from trainer.errors import RunError, SetupError
+
+    assert all(issubclass(e, BadInputError) for e in (ConfigError, DataError, SetupError))
+    assert issubclass(ConfigError, ValueError) and not issubclass(RunError, BadInputError)

@@ -47,11 +47,6 @@ class WindowReader:
         return torch.from_numpy(self._map[index.numpy()].astype(np.int64))
 
 
-def as_ids(data: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Token ids as an array (a file map stays one)."""
-    return data if isinstance(data, np.ndarray) else np.asarray(data)
-
-
 class BatchSampler:
     """Random training windows, as the lecture's ``get_batch`` draws them.
 
@@ -62,14 +57,14 @@ class BatchSampler:
 
     def __init__(
         self,
-        data: np.ndarray | torch.Tensor,
+        data: np.ndarray,
         block_size: int,
         batch_size: int,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.data = as_ids(data)
+        self.data = data
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -103,13 +98,13 @@ class EvalWindows:
         return len(self.starts) * self.block_size + self.tail_length
 
     @classmethod
-    def covering(cls, data: np.ndarray | torch.Tensor, block_size: int) -> EvalWindows:
+    def covering(cls, data: np.ndarray, block_size: int) -> EvalWindows:
         """Consecutive windows over all of ``data``: each character after the first is a
         target once."""
         n_targets = len(data) - 1
         n_full = n_targets // block_size
         return cls(
-            as_ids(data),
+            data,
             block_size,
             torch.arange(n_full) * block_size,
             n_full * block_size,
@@ -117,9 +112,7 @@ class EvalWindows:
         )
 
     @classmethod
-    def spread(
-        cls, data: np.ndarray | torch.Tensor, block_size: int, n_targets: int
-    ) -> EvalWindows:
+    def spread(cls, data: np.ndarray, block_size: int, n_targets: int) -> EvalWindows:
         """``n_targets`` targets in windows spaced evenly over ``data`` (a fixed sample)."""
         n_targets = min(n_targets, len(data) - 1)
         n_full = n_targets // block_size
@@ -127,7 +120,7 @@ class EvalWindows:
         # float32 as ever, so the windows stay where they were; past 2**24 characters
         # float32 rounds, possibly beyond the last start, hence the clamp.
         starts = torch.linspace(0, last_start, n_full).long().clamp_(max=last_start)
-        return cls(as_ids(data), block_size, starts, 0, n_targets - n_full * block_size)
+        return cls(data, block_size, starts, 0, n_targets - n_full * block_size)
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> WindowBatches:
         """This rank's share of the windows as (inputs, targets) batches."""

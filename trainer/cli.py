@@ -13,11 +13,11 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from chargpt.errors import BadInputError
 from chargpt.settings import InputError, LayeredCommand, build, config_option, options
 from trainer.config import TrainConfig
-from trainer.corpus import DataError
 from trainer.distributed import Distributed
-from trainer.errors import RunError, TrainError
+from trainer.errors import RunError
 from trainer.presets import read_preset
 from trainer.resume import resume_config
 from trainer.state import RunFiles
@@ -56,7 +56,7 @@ def train(ctx: click.Context, config: str | None, **settings: object) -> int:
         else:
             cfg = build(TrainConfig, settings)
         result = run_training(cfg)
-    except (TrainError, DataError) as exc:
+    except BadInputError as exc:  # SetupError, DataError, ConfigError
         raise InputError(str(exc)) from None
     except RunError as exc:
         raise RunFailed(exc) from None

@@ -1,7 +1,8 @@
 """Everything a training run can be told, with the lecture's defaults.
 
 Each field is declared once: its default, help text and range become the ``chargpt train``
-option (``chargpt.settings``) and are checked again when a config is built in Python.
+option (``chargpt.settings``) and are checked again when a config is built in Python. The
+architecture's fields are ``GPTConfig``'s, declared there (``setting_from``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 import click
 
-from chargpt.model import ACTIVATIONS, NORMS, POSITIONS, GPTConfig
-from chargpt.settings import check_settings, setting
+from chargpt.declare import check_settings, setting, setting_from
+from chargpt.errors import BadInputError
+from chargpt.model import GPTConfig
 from trainer.presets import PRESETS
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -32,14 +34,11 @@ RUN_FIELDS = (*ARCHITECTURE_FIELDS, "batch_size", "grad_accum_steps", "seed", "o
 # dropout, evaluation, the length of the run, its name, where and how it runs. Not
 # settings of the run at all: whether to resume or overwrite.
 NOT_RECORDED = ("resume", "auto_resume", "overwrite")
-# The architecture's defaults are GPTConfig's (the lecture's), declared there once.
-MODEL_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_FIELDS
-}
 
 
-class ConfigError(ValueError):
-    """A setting is out of range or contradicts another."""
+class ConfigError(BadInputError, ValueError):
+    """A setting is out of range or contradicts another (a ValueError: ``build`` turns it
+    into the command line's one ``Error:`` line)."""
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,7 @@ class TrainConfig:
     batch_size: int = setting(
         16, "Sequences per micro-batch, per process (see --grad-accum-steps).", minimum=1
     )
-    block_size: int = setting(
-        MODEL_DEFAULTS["block_size"], "Context length in characters.", minimum=1
-    )
+    block_size: int = setting_from(GPTConfig, "block_size")
     max_iters: int = setting(
         5000, "Optimizer steps in the whole run (unless --time-budget is set).", minimum=1
     )
@@ -89,47 +86,19 @@ class TrainConfig:
     eval_interval: int = setting(
         100, "Evaluate both splits, log and checkpoint every this many steps.", minimum=1
     )
-    n_embd: int = setting(MODEL_DEFAULTS["n_embd"], "Embedding width.", minimum=1)
-    n_head: int = setting(
-        MODEL_DEFAULTS["n_head"], "Attention heads per layer (must divide --n-embd).", minimum=1
-    )
-    n_layer: int = setting(MODEL_DEFAULTS["n_layer"], "Transformer blocks.", minimum=1)
-    dropout: float = setting(MODEL_DEFAULTS["dropout"], "Dropout probability.", minimum=0, below=1)
+    n_embd: int = setting_from(GPTConfig, "n_embd")
+    n_head: int = setting_from(GPTConfig, "n_head")
+    n_layer: int = setting_from(GPTConfig, "n_layer")
+    dropout: float = setting_from(GPTConfig, "dropout")
     # Architecture options beyond the lecture's model (chargpt.model.GPTConfig).
-    position: str = setting(
-        MODEL_DEFAULTS["position"],
-        "Positions: a learned table (the lecture's) or rotary embeddings (rope) on queries "
-        "and keys.",
-        choices=POSITIONS,
-    )
-    norm: str = setting(
-        MODEL_DEFAULTS["norm"], "Normalisation before each sublayer.", choices=NORMS
-    )
-    activation: str = setting(
-        MODEL_DEFAULTS["activation"],
-        "Feed-forward activation (relu2 = squared ReLU).",
-        choices=ACTIVATIONS,
-    )
-    qk_norm: bool = setting(
-        MODEL_DEFAULTS["qk_norm"], "RMS-normalise queries and keys per head before attention."
-    )
-    tie_embeddings: bool = setting(
-        MODEL_DEFAULTS["tie_embeddings"], "The output head reuses the token embedding."
-    )
-    bias: bool = setting(
-        MODEL_DEFAULTS["bias"], "Biases in linear layers and LayerNorms.", negatable=True
-    )
-    logit_softcap: float = setting(
-        MODEL_DEFAULTS["logit_softcap"],
-        "Soft-cap the logits at C: C * tanh(logits / C) (0 = off).",
-        minimum=0,
-    )
-    attention_window: int = setting(
-        MODEL_DEFAULTS["attention_window"],
-        "Sliding-window attention: each position sees itself and the W - 1 before it "
-        "(0 = off). Needs --position rope; at most --block-size.",
-        minimum=0,
-    )
+    position: str = setting_from(GPTConfig, "position")
+    norm: str = setting_from(GPTConfig, "norm")
+    activation: str = setting_from(GPTConfig, "activation")
+    qk_norm: bool = setting_from(GPTConfig, "qk_norm")
+    tie_embeddings: bool = setting_from(GPTConfig, "tie_embeddings")
+    bias: bool = setting_from(GPTConfig, "bias")
+    logit_softcap: float = setting_from(GPTConfig, "logit_softcap")
+    attention_window: int = setting_from(GPTConfig, "attention_window")
     # Optimisation.
     grad_accum_steps: int = setting(
         1,

@@ -41,6 +41,7 @@ from typing import BinaryIO
 import numpy as np
 
 from chargpt.checkpoint import atomic_file, atomic_write
+from chargpt.errors import BadInputError
 from chargpt.tokenizer import CharTokenizer
 
 TINY_SHAKESPEARE_URL = (
@@ -54,7 +55,7 @@ CACHE_MAGIC = b"chargpt-corpus-1"  # the cache format's name and version: its la
 ID_DTYPES = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"))
 
 
-class DataError(Exception):
+class DataError(BadInputError):
     """The training text is missing, unreadable or unusable."""
 
 
@@ -114,12 +115,6 @@ def decode_chunks(path: Path, chunks: Iterable[bytes] | None = None) -> Iterator
             yield text
     if offset == 0:
         raise DataError(f"data file {path} is empty")
-
-
-def read_text(path: str | Path) -> tuple[str, str]:
-    """The text of a (small) UTF-8 file, whole, and the sha256 of its bytes."""
-    path = Path(path)
-    return "".join(decode_chunks(path)), file_sha256(path)
 
 
 @dataclass(frozen=True)
@@ -388,12 +383,3 @@ class Corpus:
             cache, dtype, "r", offset=n_train * dtype.itemsize, shape=(header.length - n_train,)
         )
         return cls(CharTokenizer(header.vocab), train, val, header.source_sha256)
-
-    @classmethod
-    def from_text(cls, text: str, sha256: str, block_size: int) -> Corpus:
-        """A corpus held in memory, for small texts."""
-        check_splits(len(text), block_size)
-        tokenizer = CharTokenizer.from_text(text)
-        ids = id_table(tokenizer.vocab, id_dtype(tokenizer.vocab_size))[codepoints(text)]
-        n_train = split_point(len(ids))
-        return cls(tokenizer, ids[:n_train], ids[n_train:], sha256)

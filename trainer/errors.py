@@ -1,14 +1,19 @@
-"""How a run fails: bad input before anything is written (exit 2), or a failure once it
-runs (exit 3 for an I/O error, 4 for a diverged loss), whose message says what is intact."""
+"""How a run fails: bad input before anything is written (exit 2: a ``BadInputError``), or
+a failure once it runs (exit 3 for an I/O error, 4 for a diverged loss), whose message
+says what is intact."""
 
 from __future__ import annotations
 
 import errno
 from pathlib import Path
 
+from chargpt.errors import BadInputError
 
-class TrainError(Exception):
-    """A problem with the run's inputs, found before anything was written."""
+
+class SetupError(BadInputError):
+    """The run cannot start as asked: its device, its run directory (a run there already,
+    none to resume, one that --resume would change), its metrics port. Found before
+    anything was written; beside it, ConfigError (its settings) and DataError (its text)."""
 
 
 class RunError(Exception):

@@ -23,7 +23,7 @@ from trainer.batches import BatchSampler
 from trainer.config import ARCHITECTURE_FIELDS, NOT_RECORDED, RUN_FIELDS, TrainConfig
 from trainer.corpus import Corpus
 from trainer.distributed import Distributed
-from trainer.errors import TrainError
+from trainer.errors import SetupError
 from trainer.optim import Optimizers
 from trainer.state import (
     RunFiles,
@@ -37,18 +37,18 @@ from trainer.state import (
 
 def resume_config(values: Mapping[str, Any], given: Collection[str]) -> TrainConfig:
     """The settings to resume the run in ``values["out_dir"]`` with: the run's own, except
-    those ``given`` explicitly. Raises TrainError when there is no run to resume or a
+    those ``given`` explicitly. Raises SetupError when there is no run to resume or a
     given setting of ``RUN_FIELDS`` differs from the run's, InputError when the settings
     do not go together."""
     files = RunFiles(Path(values["out_dir"]))
     if not files.resume.exists():
-        raise TrainError(
+        raise SetupError(
             f"--resume: no run to resume in {files.out_dir} ({files.resume} is missing)"
         )
     try:
         saved = read_run_config(files.resume)
     except StateError as exc:
-        raise TrainError(f"--resume: {exc}") from None
+        raise SetupError(f"--resume: {exc}") from None
     taken = {  # the run's own settings; where it is stays where it was found
         name: value
         for name, value in saved.items()
@@ -60,7 +60,7 @@ def resume_config(values: Mapping[str, Any], given: Collection[str]) -> TrainCon
 
 
 def check_run_fields(saved: Mapping[str, Any], values: Mapping[str, Any], files: RunFiles) -> None:
-    """Raise TrainError naming every setting of ``RUN_FIELDS`` in ``values`` that differs
+    """Raise SetupError naming every setting of ``RUN_FIELDS`` in ``values`` that differs
     from the run's ``saved`` settings (a run saved before a setting existed used its
     default)."""
     defaults = TrainConfig().to_dict()
@@ -77,7 +77,7 @@ def check_run_fields(saved: Mapping[str, Any], values: Mapping[str, Any], files:
     details = "; ".join(
         f"{name}={saved.get(name, defaults[name])} there, {values[name]} here" for name in different
     )
-    raise TrainError(
+    raise SetupError(
         f"--resume: the run in {files.out_dir} has {what} ({details}); leave them "
         f"out to continue the run as it was, or train into another --out-dir"
     )
@@ -91,10 +91,10 @@ def load_resumable(
     try:
         state = load_train_state(files.resume)
     except StateError as exc:
-        raise TrainError(f"--resume: {exc}") from None
+        raise SetupError(f"--resume: {exc}") from None
     check_run_fields(state.train_config, cfg.to_dict(), files)
     if state.dataset_sha256 != corpus.sha256:
-        raise TrainError(
+        raise SetupError(
             f"--resume: the run in {files.out_dir} was trained on data with sha256 "
             f"{state.dataset_sha256}, but this data has {corpus.sha256}"
         )

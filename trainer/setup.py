@@ -1,6 +1,6 @@
 """Setting a run up: everything before its first step (``setup``), which the loop then
 works with (``Run``): the device and precision, the run directory, the corpus, the model,
-optimizer and batches, the state to resume, and the report. Bad input raises TrainError
+optimizer and batches, the state to resume, and the report. Bad input raises SetupError
 (or DataError) here, before anything is written.
 """
 
@@ -23,7 +23,7 @@ from trainer.batches import Batches, BatchSampler, EvalWindows
 from trainer.config import TrainConfig
 from trainer.corpus import Corpus, DataError, fetch_tiny_shakespeare, prepare_corpus
 from trainer.distributed import Distributed, SyncCadence
-from trainer.errors import RunError, TrainError, WriteError, failed_write
+from trainer.errors import RunError, SetupError, WriteError, failed_write
 from trainer.metrics import TrainerMetrics
 from trainer.optim import Optimizers
 from trainer.progress import Progress
@@ -64,12 +64,12 @@ class Run:
 
 
 def setup(cfg: TrainConfig, dist: Distributed, progress: Progress) -> Run:
-    """Everything before the first step. Bad input raises TrainError (or DataError)
+    """Everything before the first step. Bad input raises SetupError (or DataError)
     before anything is written."""
     device, autocast = setup_device(cfg, dist)
     cadence = SyncCadence.of(device, dist)
     files = RunFiles(Path(cfg.out_dir))
-    dist.on_main(lambda: check_run_dir(files, cfg), (TrainError,))
+    dist.on_main(lambda: check_run_dir(files, cfg), (SetupError,))
     corpus = load_corpus(cfg, dist, progress)
     resumed = None
     if cfg.resume:
@@ -137,7 +137,7 @@ def setup_device(
     try:
         device = resolve_device(cfg.device)
     except ValueError as exc:
-        raise TrainError(str(exc)) from None
+        raise SetupError(str(exc)) from None
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
@@ -159,20 +159,20 @@ def check_run_dir(files: RunFiles, cfg: TrainConfig) -> None:
         with tempfile.TemporaryFile(dir=files.out_dir):
             pass
     except OSError as exc:
-        raise TrainError(
+        raise SetupError(
             f"output directory {files.out_dir} is not writable: {exc.strerror}"
         ) from None
     if cfg.resume and not files.resume.exists():
-        raise TrainError(f"--resume: no run to resume in {cfg.out_dir} ({files.resume} is missing)")
+        raise SetupError(f"--resume: no run to resume in {cfg.out_dir} ({files.resume} is missing)")
     if cfg.auto_resume and not cfg.resume and files.model.exists():
-        raise TrainError(
+        raise SetupError(
             f"--auto-resume: {cfg.out_dir} holds model.safetensors but no checkpoint to "
             f"continue ({files.resume} is missing): a run stopped before its first "
             f"checkpoint completed, or another model; move it away, or start over with "
             f"--overwrite instead of --auto-resume"
         )
     if not cfg.resume and not cfg.overwrite and (files.model.exists() or files.resume.exists()):
-        raise TrainError(
+        raise SetupError(
             f"{cfg.out_dir} already holds a run; pass --resume to continue it or "
             f"--overwrite to start a new one in its place"
         )
@@ -262,12 +262,12 @@ def start_report(
         try:
             metrics.serve(cfg.metrics_port)
         except OSError as exc:
-            raise TrainError(
+            raise SetupError(
                 f"cannot serve metrics on port {cfg.metrics_port}: {exc.strerror}"
             ) from None
 
     if cfg.metrics_port:
-        dist.on_main(serve, (TrainError,))
+        dist.on_main(serve, (SetupError,))
     return Report(dist.is_main, progress, metrics, files.log, cadence.read)
 
 

@@ -39,7 +39,7 @@ from chargpt.sampling import SamplingParams
 from trainer.batches import Batches
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
-from trainer.errors import RunError, TrainError, WriteError, diverged, failed_write
+from trainer.errors import RunError, SetupError, WriteError, diverged, failed_write
 from trainer.optim import Optimizers
 from trainer.progress import Progress
 from trainer.report import Evaluation, Throughput
@@ -48,11 +48,11 @@ from trainer.setup import Run, removed_if_unused, setup
 from trainer.signals import LateSignalError, StopSignals
 from trainer.state import TrainState
 
-__all__ = ["RunError", "TrainError", "TrainResult", "run_training"]
+__all__ = ["RunError", "SetupError", "TrainResult", "run_training"]
 
 
 def run_training(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
-    """Train per ``cfg``. Raises TrainError (or DataError) before writing anything when an
+    """Train per ``cfg``. Raises SetupError (or DataError) before writing anything when an
     input is unusable, RunError (DivergedError) when the run fails once it has started."""
     dist = Distributed.from_env()
     stop = StopSignals()

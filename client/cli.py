@@ -27,10 +27,10 @@ from typing import Any, TypeVar
 import click
 import grpc
 
+from chargpt.credentials import CredentialError, read_tokens
 from chargpt.settings import InputError, option, sampling_options
 from chargpt.v1 import language_model_pb2 as pb
-from server.client import ClientTLS, LanguageModelClient, TargetError, parse_target
-from server.credentials import CredentialError, read_tokens
+from client.api import ClientTLS, LanguageModelClient, TargetError, parse_target
 
 F = TypeVar("F", bound=Callable[..., Any])
 TOKEN_ENV = "CHARGPT_TOKEN"

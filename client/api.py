@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chargpt.credentials import CredentialError, read_credential
 from chargpt.v1 import language_model_pb2 as pb
 from chargpt.v1 import language_model_pb2_grpc as pb_grpc
-from server.credentials import CredentialError, read_credential
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LanguageModel"].full_name
 # Over several replicas: a call goes to the next replica that reports SERVING (gRPC's
