@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,8 +25,9 @@ from server.engine import (
     OverloadedError,
 )
 from server.metrics import ServerMetrics
-from server.requests import Chunk, Finished, FinishReason, GenerateParams, ScoreJob, ScoreParams
-from server.served import ServedModel
+from server.requests import Chunk, Finished, FinishReason, GenerateParams, ScoreParams
+from server.served import Decoder as DecoderProtocol
+from server.served import Row, ScoreWork, ServedModel
 
 VOCAB = ("\n", "a", "b", "c")
 
@@ -58,14 +60,14 @@ class FakeDecoder:
         row[self.favourite] = 5.0
         return row.fill_(float("nan")) if seq_id in self.poisoned else row
 
-    def start(self, seq) -> None:  # type: ignore[no-untyped-def]
+    def start(self, seq: Row) -> None:
         self.slots.add(seq.id)
 
     def release(self, seq_id: int) -> None:
         self.released.append(seq_id)
         self.slots.remove(seq_id)
 
-    def prefill(self, chunks) -> list[torch.Tensor | None]:  # type: ignore[no-untyped-def]
+    def prefill(self, chunks: Sequence[tuple[Row, int]]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
         for seq, count in chunks:
             assert seq.id in self.slots and 1 <= count <= len(seq.tokens) - seq.computed
@@ -74,27 +76,27 @@ class FakeDecoder:
             out.append(self.logits(seq.id) if done else None)
         return out
 
-    def decode(self, seqs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def decode(self, seqs: Sequence[Row]) -> torch.Tensor:
         if self.broken:
             raise RuntimeError("this model's forward pass is broken")
         assert all(s.id in self.slots and s.computed == len(s.tokens) - 1 for s in seqs)
         self.decoded.append([s.id for s in seqs])
         return torch.stack([self.logits(s.id) for s in seqs])
 
-    def recompute(self, seqs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def recompute(self, seqs: Sequence[Row]) -> torch.Tensor:
         if self.broken:
             raise RuntimeError("this model's forward pass is broken")
         assert not any(s.id in self.slots for s in seqs)
         self.decoded.append([s.id for s in seqs])
         return torch.stack([self.logits(s.id) for s in seqs])
 
-    def score(self, job: ScoreJob, budget: int) -> tuple[list[float], int]:
+    def score(self, job: ScoreWork, budget: int) -> tuple[list[float], int]:
         if self.broken:
             raise RuntimeError("this model's forward pass is broken")
         if self.slow_score is not None:
             clock, seconds = self.slow_score
             clock.now += seconds
-        end = min(len(job.params.ids), job.next_target + budget)
+        end = min(len(job.ids), job.next_target + budget)
         self.scored.append(end - job.next_target)
         return [-1.0] * (end - job.next_target), end - job.next_target
 
@@ -103,7 +105,7 @@ class FakeDecoder:
 
 
 def served(
-    decoder: object, step: int = 1, block_size: int = 1024, model: GPT | None = None
+    decoder: DecoderProtocol, step: int = 1, block_size: int = 1024, model: GPT | None = None
 ) -> ServedModel:
     """A served model around ``decoder``; its block (1024 unless told) is longer than any
     text these tests make, so every row decodes from its cache unless a test says so."""
@@ -112,7 +114,7 @@ def served(
     info = CheckpointInfo(model.config, VOCAB, step, None, None, "", "test")
     loaded = LoadedModel(model, CharTokenizer(VOCAB), info, f"sha{step}")
     return ServedModel(loaded, "model.safetensors", torch.device("cpu"), torch.float32, 0.0,
-                       decoder)  # type: ignore[arg-type]  # fmt: skip
+                       decoder)  # fmt: skip
 
 
 def params(prompt: list[int] | None = None, n: int = 3, **kwargs: object) -> GenerateParams:
