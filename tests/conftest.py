@@ -12,9 +12,12 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from chargpt.model import GPT, GPTConfig
 
 # Before anything imports torch, and inherited by every process a test starts: OpenMP
 # threads that sleep at barriers instead of spinning (see chargpt.cli.calm_openmp), so
@@ -40,6 +43,22 @@ def flags(settings: dict[str, Any]) -> list[str]:
 
 
 TINY_MODEL = flags(TINY_MODEL_SETTINGS)
+
+
+def sharp_model(config: GPTConfig) -> GPT:
+    """A ``chargpt.model.GPT`` of ``config`` with N(0, 0.5) weights (seeded): sharp
+    distributions, so that greedy text has no near-ties between faster paths and the
+    reference."""
+    import torch
+
+    from chargpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model
 
 
 def make_text(n_chars: int = 20_000, seed: int = 0) -> str:

@@ -21,6 +21,7 @@ from server.engine import Engine
 from server.metrics import ServerMetrics
 from server.requests import Chunk, GenerateParams
 from server.served import ServedModel, decodes_from_cache
+from tests.conftest import sharp_model
 
 VOCAB = tuple("abcdefghijklm")
 LEARNED = GPTConfig(vocab_size=13, block_size=8, n_embd=16, n_head=2, n_layer=2)
@@ -32,21 +33,12 @@ CONFIGS = pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned",
 SLOTS = 4  # buckets 1 and 4: a batch of 2 or 3 runs padded
 
 
-def model(config: GPTConfig) -> GPT:
-    torch.manual_seed(0)
-    m = GPT(config).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.5)
-    return m
-
-
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, tuple[GPT, Decoder]]:
     """One compiled decoder per kind of model (compiling takes seconds per graph)."""
     out = {}
     for name, config in (("learned", LEARNED), ("windowed", WINDOWED)):
-        m = model(config)
+        m = sharp_model(config)
         decoder = Decoder(m, SLOTS, compile=True)
         assert decoder.compiled is not None, "this machine has a C++ compiler"
         out[name] = (m, decoder)
@@ -125,7 +117,7 @@ def test_without_a_compiler_the_decoder_serves_eager_and_says_why(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler")
-    m = model(WINDOWED)
+    m = sharp_model(WINDOWED)
     with caplog.at_level(logging.WARNING, logger="server.compiled"):
         decoder = Decoder(m, SLOTS, compile=True)
     assert decoder.compiled is None

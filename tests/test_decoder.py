@@ -13,6 +13,7 @@ from chargpt.model import GPT, GPTConfig, reference_logits
 from server.decoder import Decoder
 from server.requests import ScoreJob, ScoreParams
 from server.served import decodes_from_cache
+from tests.conftest import sharp_model
 
 LEARNED = GPTConfig(vocab_size=13, block_size=8, n_embd=16, n_head=2, n_layer=3)
 WINDOWED = GPTConfig(
@@ -57,22 +58,13 @@ def decode(decoder: Decoder, seqs: list[Seq]) -> torch.Tensor:
     return torch.stack(out)  # type: ignore[arg-type]
 
 
-def model(config: GPTConfig) -> GPT:
-    torch.manual_seed(0)
-    m = GPT(config).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.5)
-    return m
-
-
 def close(got: torch.Tensor, m: GPT, tokens: list[int]) -> None:
     torch.testing.assert_close(got, reference_logits(m, tokens), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned", "windowed"])
 def test_prefill_then_decode_equals_the_reference_far_past_the_window(config: GPTConfig) -> None:
-    m = model(config)
+    m = sharp_model(config)
     decoder = Decoder(m, slots=4)
     seqs = [Seq([1]), Seq([2, 3, 4]), Seq([5, 6, 7, 8, 9, 10, 11, 12, 0, 1]), Seq([3, 3])]
     generator = torch.Generator().manual_seed(0)
@@ -100,7 +92,7 @@ def test_prefill_then_decode_equals_the_reference_far_past_the_window(config: GP
 @pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned", "windowed"])
 def test_prompts_prefilled_together_equal_the_reference(config: GPTConfig) -> None:
     """Chunks of equal length from different slots and starts share one forward."""
-    m = model(config)
+    m = sharp_model(config)
     decoder = Decoder(m, slots=4)
     # Third slot first: the forward's rows are not in slot order.
     seqs = [Seq([4, 1, 2, 3, 4, 5, 6]), Seq([7, 8]), Seq([9, 10, 11, 12, 0]), Seq([1] * 7)]
@@ -122,7 +114,7 @@ def test_prompts_prefilled_together_equal_the_reference(config: GPTConfig) -> No
 
 
 def test_learned_rows_leave_the_cache_once_the_text_outgrows_the_block() -> None:
-    m = model(LEARNED)
+    m = sharp_model(LEARNED)
     decoder = Decoder(m, slots=2)
     seq = Seq([1, 2])
     assert decodes_from_cache(LEARNED, len(seq.tokens))
@@ -139,7 +131,7 @@ def test_learned_rows_leave_the_cache_once_the_text_outgrows_the_block() -> None
 
 
 def test_slots_stay_compact() -> None:
-    decoder = Decoder(model(WINDOWED), slots=3)
+    decoder = Decoder(sharp_model(WINDOWED), slots=3)
     seqs = [Seq([i]) for i in range(3)]
     for seq in seqs:
         decoder.start(seq)
@@ -153,7 +145,7 @@ def test_slots_stay_compact() -> None:
 @pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned", "windowed"])
 @pytest.mark.parametrize("budget", [1, 7, 1000])
 def test_score_equals_the_reference_per_position(config: GPTConfig, budget: int) -> None:
-    m = model(config)
+    m = sharp_model(config)
     decoder = Decoder(m, slots=1)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(13, (50,), generator=generator).tolist()
