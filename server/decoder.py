@@ -202,7 +202,8 @@ class Decoder:
     @torch.inference_mode()
     def recompute(self, seqs: Sequence[Row]) -> torch.Tensor:
         """Logits (len(seqs), vocab) of each sequence's last ``block_size`` characters from
-        position 0 (the lecture's crop): every row has exactly that many, so no padding."""
+        position 0 (the lecture's crop): every row has exactly that many, so they batch
+        without padding (a compiled graph pads the batch, not the rows, to its size)."""
         block = self.config.block_size
         windows = [s.tokens[-block:] for s in seqs]
         if self.compiled is not None and (bucket := self.compiled.bucket(len(seqs))) is not None:
