@@ -184,9 +184,11 @@ def _build(step: nn.Module, args: tuple[torch.Tensor, ...], package: Path) -> Ru
             expected = step(*args)
         exported = torch.export.export(step, args, strict=False)
         path = torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
-        loaded = torch._inductor.aoti_load_package(path)
+        # The package's loader, called with the flat list of inputs: the package's own
+        # ``__call__`` adds a pytree flatten and unflatten, ~0.05 ms of a 0.4 ms step.
+        run = torch._inductor.aoti_load_package(path).loader.run
         with torch.inference_mode():
-            got = _outputs(loaded(*args))
+            got = run(list(args))
     except Exception as exc:  # the compiler's own failure, whatever its type
         raise CompileError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from exc
     expected = _outputs(expected)
@@ -194,11 +196,11 @@ def _build(step: nn.Module, args: tuple[torch.Tensor, ...], package: Path) -> Ru
         error = (want.float() - have.float()).abs().max().item()
         if not error <= TOLERANCE:
             raise CompileError(f"the compiled graph differs from eager by {error:.3g}")
-    return lambda *inputs: _outputs(loaded(*inputs))
+    return lambda *inputs: run(list(inputs))
 
 
 def _outputs(out: torch.Tensor | Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-    """A graph's outputs as a sequence (a loaded package returns one output bare)."""
+    """An eager step's outputs as a sequence (the window step returns one bare)."""
     return (out,) if isinstance(out, torch.Tensor) else out
 
 

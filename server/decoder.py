@@ -220,10 +220,14 @@ class Decoder:
         cache, rows = self.cache, len(seqs)
         padding = self.compiled.sizes[bucket] - rows
         spare = cache.capacity
-        slots = torch.tensor([self.slot_of[s.id] for s in seqs] + [spare] * padding)
-        positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * padding)
-        tokens = torch.tensor([s.tokens[-1] for s in seqs] + [0] * padding)
-        slots, positions, tokens = (t.to(self.device) for t in (slots, positions, tokens))
+        slots, positions, tokens = torch.tensor(
+            [
+                [self.slot_of[s.id] for s in seqs] + [spare] * padding,
+                [len(s.tokens) - 1 for s in seqs] + [0] * padding,
+                [s.tokens[-1] for s in seqs] + [0] * padding,
+            ],
+            device=self.device,
+        )
         columns = positions % cache.width
         cache.positions[slots, columns] = positions
         logits, keys, values = self.compiled.decode(
