@@ -131,13 +131,33 @@ def test_muon_and_adamw_hold_every_parameter_exactly_once(options: dict[str, Any
     assert Optimizers(model, TrainConfig(), torch.device("cpu")).muon is None  # adamw alone
 
 
+def test_muon_weight_decay_shrinks_the_blocks_matrices_and_survives_a_resume() -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig(optimizer="muon", muon_weight_decay=0.5, muon_learning_rate=0.1)
+    model = GPT(cfg.model_config(vocab_size=65))
+    optimizers = Optimizers(model, cfg, torch.device("cpu"))
+    assert optimizers.muon is not None
+    matrix = optimizers.muon.param_groups[0]["params"][0]
+    before = matrix.detach().clone()
+    matrix.grad = torch.zeros_like(matrix)  # no gradient: only the decay moves it
+    optimizers.muon.step()
+    torch.testing.assert_close(matrix.detach(), before * (1 - 0.1 * 0.5))
+    # A resume takes the decay of its command line, not the one saved with the state.
+    state = optimizers.state_dict()
+    resumed = Optimizers(model, cfg, torch.device("cpu"))
+    resumed.load_state_dict(state, TrainConfig(optimizer="muon", muon_weight_decay=0.25))
+    assert resumed.muon is not None
+    assert {g["weight_decay"] for g in resumed.muon.param_groups} == {0.25}
+
+
 def test_resume_with_muon_is_exact(
     small_text_file: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    muon = ["--optimizer=muon", "--muon-learning-rate=0.05", "--lr-schedule=wsd", "--max-iters=8"]
+    muon = ["--optimizer=muon", "--muon-learning-rate=0.05", "--muon-weight-decay=0.5",
+            "--lr-schedule=wsd", "--max-iters=8"]  # fmt: skip
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_tiny(capsys, small_text_file, straight, *muon)
     sigterm_after_step(monkeypatch, 3)
@@ -210,6 +230,7 @@ def test_bad_recipe_input_is_one_line_exit_2_and_writes_nothing(
         (["--time-budget=-1"], "'--time-budget': -1.0 is not in the range x>=0"),
         (["--preset=cpu-1h"], "is not one of 'lecture', 'cpu-100s', 'cpu-10min', 'gpu-shakespeare'"),
         (["--optimizer=muon", "--muon-learning-rate=0"], "'--muon-learning-rate': 0.0 is not in the range x>0"),
+        (["--optimizer=muon", "--muon-weight-decay=-1"], "'--muon-weight-decay': -1.0 is not in the range x>=0"),
         (["--out-dir", str(run), "--resume", "--preset=cpu-100s"], "n_layer=1 there, 4 here"),
         (["--out-dir", str(run), "--resume", "--optimizer=muon"], "optimizer=adamw there, muon here"),
     ]  # fmt: skip

@@ -146,6 +146,12 @@ class TrainConfig:
     muon_learning_rate: float = setting(
         0.02, "Peak learning rate of Muon (with --optimizer muon); same schedule.", above=0
     )
+    muon_weight_decay: float = setting(
+        0.0,
+        "Muon's decoupled weight decay (with --optimizer muon): each step multiplies the "
+        "blocks' matrices by 1 - lr * this.",
+        minimum=0,
+    )
     time_budget: float = setting(
         0.0,
         "Train for this many seconds of training steps instead of --max-iters steps (0 = "

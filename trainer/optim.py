@@ -33,12 +33,12 @@ class Optimizers:
         fused = device.type in ("cpu", "cuda")
         self.adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
         # Muon orthogonalises each matrix's update (Newton-Schulz), scaled by
-        # sqrt(max(1, rows / cols)) ("original"); no weight decay.
+        # sqrt(max(1, rows / cols)) ("original"); its weight decay is decoupled.
         self.muon = (
             torch.optim.Muon(
                 [named[n] for n in named if n in hidden],
                 lr=cfg.muon_learning_rate,
-                weight_decay=0.0,
+                weight_decay=cfg.muon_weight_decay,
                 adjust_lr_fn="original",
             )
             if hidden
@@ -75,4 +75,7 @@ class Optimizers:
             optimizer.load_state_dict(states[name])
         decay, _ = self.adamw.param_groups
         decay["weight_decay"] = cfg.weight_decay
+        if self.muon is not None:
+            for group in self.muon.param_groups:
+                group["weight_decay"] = cfg.muon_weight_decay
         self.muon_scale = cfg.muon_learning_rate / cfg.learning_rate
