@@ -1,12 +1,18 @@
 # One image, two roles: `chargpt train` (one-shot job) and `chargpt serve` (the default).
 #   CPU (default):  docker build -t chargpt .
 #   CUDA:           docker build --build-arg TORCH_VARIANT=cu126 -t chargpt:cuda .
+#   Without a C++ compiler (smaller; the server then serves its decode step eager):
+#                   docker build --build-arg COMPILER=false -t chargpt:slim .
 #   Behind a mirror or air-gapped: --build-arg TORCH_INDEX_URL=<a mirror of PyTorch's index>,
 #   --build-arg PIP_INDEX_URL=<a PyPI mirror>, --build-arg PIP_FIND_LINKS=<a folder of wheels
 #   served over http>; none of them is left in the image.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+# true: the runtime carries g++ and torch's C++ headers, which AOTInductor needs to compile
+# the server's decode step at load (server/compiled.py); false: neither, and it serves eager.
+ARG COMPILER=true
 
 FROM ${PYTHON_IMAGE} AS builder
+ARG COMPILER
 # The PyTorch wheel index to take torch from: cpu, or a CUDA build such as cu126.
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
@@ -29,14 +35,24 @@ COPY trainer ./trainer
 COPY server ./server
 COPY client ./client
 RUN pip install .
-# Nothing at run time builds, tests or installs: drop the wheel's C++ headers and test suite,
-# its test binaries (torch_shm_manager stays: shared-memory tensors need it), and pip.
+# Nothing at run time tests or installs: drop the wheel's test suite, its test binaries
+# (torch_shm_manager stays: shared-memory tensors need it) and pip; and its C++ headers
+# unless the runtime compiles.
 RUN site="$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
-    && rm -rf "$site/torch/include" "$site/torch/test" \
+    && if [ "$COMPILER" != true ]; then rm -rf "$site/torch/include"; fi \
+    && rm -rf "$site/torch/test" \
     && find "$site/torch/bin" -type f ! -name torch_shm_manager -delete \
     && pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE} AS runtime
+ARG COMPILER
+# Debian bookworm's g++ (GCC 12), the release the base image is built on.
+ARG GXX_VERSION=4:12.2.0-3
+RUN if [ "$COMPILER" = true ]; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "g++=$GXX_VERSION" \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=builder /opt/venv /opt/venv
 # CHARGPT_* are the commands' own settings; compose overrides them per service. Inside the
 # container the server listens on every interface (outside one it defaults to loopback).
@@ -55,8 +71,9 @@ USER 10001:10001
 WORKDIR /data
 # gRPC, server metrics, trainer metrics.
 EXPOSE 50051 9100 9101
-# Asks grpc.health.v1 (SERVING only once a checkpoint is loaded); no extra binary.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+# Asks grpc.health.v1 (SERVING only once a checkpoint is loaded and its decode step
+# compiled: about two minutes for a lecture model on two cores); no extra binary.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["chargpt", "health", "--server", "127.0.0.1:50051", "--timeout", "4"]
 # Exec form: chargpt is PID 1 and receives SIGTERM itself (drain, or save and stop).
 ENTRYPOINT ["chargpt"]

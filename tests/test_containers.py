@@ -59,7 +59,7 @@ def test_compose_trainer_publishes_what_the_compose_server_serves(tmp_path: Path
     grpc_port = free_port()
     server_env.update(CHARGPT_PORT=str(grpc_port), CHARGPT_METRICS_PORT=str(free_port()),
                       CHARGPT_HOST="127.0.0.1", CHARGPT_RELOAD_SECONDS="0.2",
-                      CHARGPT_COMPILE="false")  # fmt: skip  # (the image has no compiler)
+                      CHARGPT_COMPILE="false")  # fmt: skip  # (compiling takes minutes)
     trainer = compose_service("trainer")
     trainer_env = local_environment(trainer, mounts)
     # The small run the README shows: `docker compose run -e CHARGPT_MAX_ITERS=... trainer`.
