@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import warnings
 
 import click
 
@@ -25,6 +26,9 @@ def serve(config: str | None, **settings: object) -> int:
         level=server_config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # torch 2.13's own pickling of exported graphs warns of its own deprecated API, once
+    # per graph compiled: noise in the server's log that no setting of ours can fix.
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     try:
         server = InferenceServer(server_config)
     except ValueError as exc:
