@@ -22,7 +22,7 @@ from tests.training import (
     train_tiny,
 )
 from trainer.config import TrainConfig
-from trainer.optim import Optimizers
+from trainer.optim import Muon, Optimizers, orthogonalize_dtype
 from trainer.presets import PRESETS, read_preset
 from trainer.state import load_train_state
 
@@ -129,6 +129,34 @@ def test_muon_and_adamw_hold_every_parameter_exactly_once(options: dict[str, Any
     }
     assert not any("embedding" in n or "head" in n for n in muon)
     assert Optimizers(model, TrainConfig(), torch.device("cpu")).muon is None  # adamw alone
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_our_muon_is_torchs_with_newton_schulz_in_the_dtype_asked(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    weights = [torch.randn(96, 32), torch.randn(32, 128)]
+    theirs = [w.clone().requires_grad_() for w in weights]
+    ours = [w.clone().requires_grad_() for w in weights]
+    settings = {"lr": 0.05, "weight_decay": 0.1, "adjust_lr_fn": "original"}
+    reference = torch.optim.Muon(theirs, **settings)
+    optimizer = Muon(ours, orthogonalize_dtype=dtype, **settings)
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params in (theirs, ours):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+        reference.step()
+        optimizer.step()
+    for w, a, b in zip(weights, theirs, ours, strict=True):
+        if dtype == torch.bfloat16:
+            assert torch.equal(a, b)  # torch's own arithmetic, step for step
+        else:  # the same update, computed more exactly: apart by bfloat16's rounding only
+            moved = (a - w).abs().max().item()
+            assert (a - b).abs().max().item() < 0.1 * moved
+    assert optimizer.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+    assert orthogonalize_dtype(torch.device("cuda")) == torch.bfloat16
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert orthogonalize_dtype(torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
 
 
 def test_muon_weight_decay_shrinks_the_blocks_matrices_and_survives_a_resume() -> None:
