@@ -98,6 +98,8 @@ class Muon(torch.optim.Muon):
 
     def __init__(self, params: Any, *, orthogonalize_dtype: torch.dtype, **settings: Any) -> None:
         super().__init__(params, **settings)
+        if self.defaults["adjust_lr_fn"] not in (None, "original"):
+            raise ValueError("this Muon scales its step the original way only")
         self.orthogonalize_dtype = orthogonalize_dtype
 
     @torch.no_grad()
@@ -119,7 +121,7 @@ class Muon(torch.optim.Muon):
                     group["ns_steps"],
                     group["eps"],
                 )
-                rows, cols = p.shape  # adjust_lr_fn "original"
+                rows, cols = p.shape  # adjust_lr_fn "original": sqrt(max(1, rows / cols))
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
