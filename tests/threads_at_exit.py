@@ -12,9 +12,11 @@ active exception"), and a group released later by DDP, the GIL held, can deadloc
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,29 @@ AFTER_DESTROY, AT_EXIT = "after destroy_process_group", "at exit"
 REPORT = re.compile(r"<<threads (\d+) ([a-z_ ]+): ([^>]*)>>")
 
 
+def thread_names() -> list[str]:
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # it ended while we listed it
+            names.append((task / "comm").read_text().strip())
+    return sorted(names)
+
+
 def report(moment: str) -> None:
-    names = sorted(
-        (task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()
-    )
+    names = thread_names()
     rank = os.environ.get("RANK", "0")
     print(f"<<threads {rank} {moment}: {','.join(names)}>>", file=sys.stderr, flush=True)
 
 
 def destroy_then_report(*args: Any, **kwargs: Any) -> None:
     destroy(*args, **kwargs)
+    # gloo's last Work can drop the group's final reference on its own worker thread just
+    # after destroy returns; the loop thread then ends by itself. A group something else
+    # still holds (DDP releasing it later) never ends while this thread waits here, and
+    # is reported after the bound.
+    deadline = time.monotonic() + 60
+    while "gloo" in ",".join(thread_names()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     report(AFTER_DESTROY)
 
 
