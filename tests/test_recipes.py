@@ -22,7 +22,7 @@ from tests.training import (
     train_tiny,
 )
 from trainer.config import TrainConfig
-from trainer.optim import Muon, Optimizers, orthogonalize_dtype
+from trainer.optim import Muon, Optimizers, newton_schulz, orthogonalize_dtype
 from trainer.presets import PRESETS, read_preset
 from trainer.state import load_train_state
 
@@ -178,6 +178,33 @@ def test_muon_weight_decay_shrinks_the_blocks_matrices_and_survives_a_resume() -
     assert {g["weight_decay"] for g in resumed.muon.param_groups} == {0.25}
 
 
+def test_muon_ns_steps_sets_the_iterations_of_each_step_and_survives_a_resume() -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig(optimizer="muon", muon_ns_steps=2, muon_learning_rate=0.1)
+    model = GPT(cfg.model_config(vocab_size=65))
+    optimizers = Optimizers(model, cfg, torch.device("cpu"))
+    assert optimizers.muon is not None
+    group = optimizers.muon.param_groups[0]
+    matrix = group["params"][0]  # blocks.0.attn.qkv.weight, (3C, C)
+    before, grad = matrix.detach().clone(), torch.randn_like(matrix)
+    matrix.grad = grad
+    optimizers.muon.step()
+    # From zero momentum the Nesterov update is (1 - m) g + m (1 - m) g; two iterations.
+    m = group["momentum"]
+    nesterov = (grad * (1 - m) * (1 + m)).to(optimizers.muon.orthogonalize_dtype)
+    coefficients, eps = group["ns_coefficients"], group["eps"]
+    update = newton_schulz(nesterov, coefficients, 2, eps).float()
+    rows, cols = matrix.shape
+    expected = before - 0.1 * (rows / cols) ** 0.5 * update
+    torch.testing.assert_close(matrix.detach(), expected)
+    three = newton_schulz(nesterov, coefficients, 3, eps).float()
+    assert not torch.allclose(update, three, atol=1e-3)  # the count matters
+    resumed = Optimizers(model, cfg, torch.device("cpu"))
+    resumed.load_state_dict(optimizers.state_dict(), TrainConfig(optimizer="muon"))
+    assert resumed.muon is not None
+    assert {g["ns_steps"] for g in resumed.muon.param_groups} == {5}
+
+
 def test_resume_with_muon_is_exact(
     small_text_file: Path,
     tmp_path: Path,
@@ -185,7 +212,7 @@ def test_resume_with_muon_is_exact(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     muon = ["--optimizer=muon", "--muon-learning-rate=0.05", "--muon-weight-decay=0.5",
-            "--lr-schedule=wsd", "--max-iters=8"]  # fmt: skip
+            "--muon-ns-steps=3", "--lr-schedule=wsd", "--max-iters=8"]  # fmt: skip
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_tiny(capsys, small_text_file, straight, *muon)
     sigterm_after_step(monkeypatch, 3)

@@ -152,6 +152,12 @@ class TrainConfig:
         "blocks' matrices by 1 - lr * this.",
         minimum=0,
     )
+    muon_ns_steps: int = setting(
+        5,
+        "Newton-Schulz iterations in each Muon step (with --optimizer muon): fewer cost "
+        "less and orthogonalise less exactly.",
+        minimum=1,
+    )
     time_budget: float = setting(
         0.0,
         "Train for this many seconds of training steps instead of --max-iters steps (0 = "

@@ -32,13 +32,14 @@ class Optimizers:
         ]
         fused = device.type in ("cpu", "cuda")
         self.adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99), fused=fused)
-        # Muon orthogonalises each matrix's update (Newton-Schulz), scaled by
-        # sqrt(max(1, rows / cols)) ("original"); its weight decay is decoupled.
+        # Muon orthogonalises each matrix's update (``muon_ns_steps`` of Newton-Schulz),
+        # scaled by sqrt(max(1, rows / cols)) ("original"); its weight decay is decoupled.
         self.muon = (
             Muon(
                 [named[n] for n in named if n in hidden],
                 lr=cfg.muon_learning_rate,
                 weight_decay=cfg.muon_weight_decay,
+                ns_steps=cfg.muon_ns_steps,
                 adjust_lr_fn="original",
                 orthogonalize_dtype=orthogonalize_dtype(device),
             )
@@ -79,6 +80,7 @@ class Optimizers:
         if self.muon is not None:
             for group in self.muon.param_groups:
                 group["weight_decay"] = cfg.muon_weight_decay
+                group["ns_steps"] = cfg.muon_ns_steps
         self.muon_scale = cfg.muon_learning_rate / cfg.learning_rate
 
 
