@@ -11,7 +11,7 @@ it exactly (``bench/lecture.py``, ``tests/test_model.py``).
 
 Options (``GPTConfig`` fields, stored in every checkpoint): rotary positions instead of a
 position table, RMSNorm, squared-ReLU or GELU, QK-norm, tied embeddings, no biases, logit
-soft-capping, and sliding-window attention.
+soft-capping, sliding-window attention, and an exact bigram embedding.
 
 Two meanings of "the model's context", both exact:
 
@@ -84,6 +84,11 @@ class GPTConfig:
         "(0 = off). Needs --position rope; at most --block-size.",
         minimum=0,
     )
+    bigram_embedding: bool = setting(
+        False,
+        "Add a learned vector for each (previous, current) character pair to the token "
+        "embedding: an exact bigram table, (vocab + 1) x vocab rows.",
+    )
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size, minimum=1)
@@ -145,6 +150,7 @@ class GPTConfig:
             "tied embeddings" if self.tie_embeddings else "",
             "" if self.bias else "no biases",
             f"logit soft-cap {self.logit_softcap:g}" if self.logit_softcap else "",
+            "bigram embedding" if self.bigram_embedding else "",
         ]
         return "decoder-only transformer: " + ", ".join(p for p in parts if p)
 
@@ -195,6 +201,12 @@ class KVCache(Protocol):
     def key_positions(self) -> torch.Tensor | None:
         """(B, S) position of each key ``update`` returns, -1 for an empty entry; or None
         when every new position sees every key (one new position, a full window)."""
+        ...
+
+    @property
+    def previous(self) -> torch.Tensor:
+        """(B,) the character before each row's first new one, -1 for none (position 0);
+        read by the bigram embedding only."""
         ...
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -349,10 +361,19 @@ class GPT(nn.Module):
         self.position_embedding = (
             nn.Embedding(c.block_size, c.n_embd) if c.position == "learned" else None
         )
+        # Row previous * vocab + current; previous = vocab at a sequence's first position.
+        self.bigram_embedding = (
+            nn.Embedding((c.vocab_size + 1) * c.vocab_size, c.n_embd)
+            if c.bigram_embedding
+            else None
+        )
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.ln_f = Norm(c)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=c.bias)
         self.apply(_init_weights)
+        if self.bigram_embedding is not None:
+            # Zero: training starts from the plain token embedding and learns the pairs.
+            nn.init.zeros_(self.bigram_embedding.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -388,6 +409,13 @@ class GPT(nn.Module):
             if key_positions is not None:
                 mask = _visible(positions, key_positions, c.attention_window)
         x = self.token_embedding(idx)
+        if self.bigram_embedding is not None:
+            first = (
+                torch.full_like(idx[:, :1], -1) if kv_cache is None else kv_cache.previous[:, None]
+            )
+            previous = torch.cat((first, idx[:, :-1]), dim=1)
+            previous = torch.where(previous < 0, c.vocab_size, previous)
+            x = x + self.bigram_embedding(previous * c.vocab_size + idx)
         rotary = None
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)

@@ -70,11 +70,13 @@ class FunctionalCache:
         self,
         keys: torch.Tensor,
         values: torch.Tensor,
+        previous: torch.Tensor,
         slots: torch.Tensor,
         positions: torch.Tensor,
         key_positions: torch.Tensor,
     ) -> None:
         self.keys, self.values, self.slots = keys, values, slots
+        self.previous = previous
         self.rows = torch.arange(slots.shape[0], device=slots.device)
         self.columns = positions % keys.shape[3]
         self.positions = positions[:, None]
@@ -95,8 +97,8 @@ class FunctionalCache:
 
 
 class DecodeStep(nn.Module):
-    """One new position per row: (tokens, slots, positions, key_positions, keys, values)
-    to (logits (B, vocab), new keys and values (n_layer, B, H, hs))."""
+    """One new position per row: (tokens, previous, slots, positions, key_positions, keys,
+    values) to (logits (B, vocab), new keys and values (n_layer, B, H, hs))."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
@@ -105,13 +107,14 @@ class DecodeStep(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
+        previous: torch.Tensor,
         slots: torch.Tensor,
         positions: torch.Tensor,
         key_positions: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cache = FunctionalCache(keys, values, slots, positions, key_positions)
+        cache = FunctionalCache(keys, values, previous, slots, positions, key_positions)
         logits, _ = self.model(tokens[:, None], kv_cache=cache)
         return logits[:, -1], torch.stack(cache.new_keys), torch.stack(cache.new_values)
 
@@ -156,7 +159,8 @@ class CompiledSteps:
                 key_positions = torch.full((size, keys.shape[3]), -1, device=device)
                 key_positions[:, 0] = 0
                 tokens = torch.zeros(size, dtype=torch.long, device=device)
-                args = (tokens, slots, positions, key_positions, keys, values)
+                previous = torch.full((size,), -1, device=device)
+                args = (tokens, previous, slots, positions, key_positions, keys, values)
                 decode.append(_build(DecodeStep(model), args, Path(tmp, f"decode-{size}.pt2")))
                 if not model.config.attention_window:
                     ids = torch.zeros((size, model.config.block_size), dtype=torch.long)

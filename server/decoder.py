@@ -69,12 +69,19 @@ class DecodeView:
     values are written first, then every row attends over its whole slot."""
 
     def __init__(
-        self, cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor, full: bool
+        self,
+        cache: SlotCache,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        previous: torch.Tensor,
+        full: bool,
     ) -> None:
-        """``full``: every slot holds ``width`` positions after this one is written, so
-        (the slot being the attention window) the new position sees every key: no mask."""
+        """``previous``: the character before each new one (-1 at position 0). ``full``:
+        every slot holds ``width`` positions after this one is written, so (the slot being
+        the attention window) the new position sees every key: no mask."""
         self.cache = cache
         self.slots = slots
+        self.previous = previous
         self.columns = positions % cache.width
         cache.positions[slots, self.columns] = positions
         self.positions = positions[:, None]
@@ -95,12 +102,16 @@ class DecodeView:
 class ChunkView:
     """``chargpt.model.KVCache`` for ``count`` new positions in each of B slots (from each
     slot's own start): they attend to what the slot held plus each other, and the last
-    ``width`` of them are stored."""
+    ``width`` of them are stored. ``previous``: the character before each row's start
+    (-1 at position 0)."""
 
-    def __init__(self, cache: SlotCache, slots: list[int], starts: list[int], count: int) -> None:
+    def __init__(
+        self, cache: SlotCache, slots: list[int], starts: list[int], previous: list[int], count: int
+    ) -> None:
         device = cache.positions.device
         self.cache = cache
         self.slots = torch.tensor(slots, device=device)
+        self.previous = torch.tensor(previous, device=device)
         offsets = torch.arange(count, device=device)
         self.positions = torch.tensor(starts, device=device)[:, None] + offsets  # (B, T)
         self.key_positions = torch.cat((cache.positions[self.slots], self.positions), dim=1)
@@ -174,7 +185,9 @@ class Decoder:
         for count, rows in by_length.items():
             seqs = [chunks[i][0] for i in rows]
             starts = [s.computed for s in seqs]
-            view = ChunkView(self.cache, [self.slot_of[s.id] for s in seqs], starts, count)
+            slots = [self.slot_of[s.id] for s in seqs]
+            previous = [_before(s.tokens, a) for s, a in zip(seqs, starts, strict=True)]
+            view = ChunkView(self.cache, slots, starts, previous, count)
             ids = [s.tokens[a : a + count] for s, a in zip(seqs, starts, strict=True)]
             logits = self._forward(ids, view, last_only=True)
             for i, seq, start, row in zip(rows, seqs, starts, logits, strict=True):
@@ -193,9 +206,11 @@ class Decoder:
         ends = [len(s.tokens) for s in seqs]
         positions = torch.tensor(ends, device=self.device) - 1
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
+        before = [_before(s.tokens, end - 1) for s, end in zip(seqs, ends, strict=True)]
+        previous = torch.tensor(before, device=self.device)
         # A window model's slot is its window: once full, each new position sees it all.
         full = bool(self.config.attention_window) and min(ends) >= self.cache.width
-        view = DecodeView(self.cache, slots[order], positions[order], full)
+        view = DecodeView(self.cache, slots[order], positions[order], previous[order], full)
         logits, _ = self.model(tokens[order, None], kv_cache=view)
         return logits[torch.argsort(order), -1]
 
@@ -220,19 +235,21 @@ class Decoder:
         cache, rows = self.cache, len(seqs)
         padding = self.compiled.sizes[bucket] - rows
         spare = cache.capacity
-        slots, positions, tokens = torch.tensor(
+        slots, positions, tokens, previous = torch.tensor(
             [
                 [self.slot_of[s.id] for s in seqs] + [spare] * padding,
                 [len(s.tokens) - 1 for s in seqs] + [0] * padding,
                 [s.tokens[-1] for s in seqs] + [0] * padding,
+                [_before(s.tokens, len(s.tokens) - 1) for s in seqs] + [-1] * padding,
             ],
             device=self.device,
         )
         columns = positions % cache.width
         cache.positions[slots, columns] = positions
         logits, keys, values = self.compiled.decode(
-            bucket, tokens, slots, positions, cache.positions[slots], cache.keys, cache.values
-        )
+            bucket,
+            tokens, previous, slots, positions, cache.positions[slots], cache.keys, cache.values,
+        )  # fmt: skip
         # Indexing dims 1 and 3 puts the rows first: entries (rows, n_layer, H, hs).
         cache.keys[:, slots[:rows], :, columns[:rows]] = keys[:, :rows].transpose(0, 1)
         cache.values[:, slots[:rows], :, columns[:rows]] = values[:, :rows].transpose(0, 1)
@@ -277,7 +294,7 @@ class Decoder:
         cache, start = self._score_caches[job_id]
         end = min(len(ids) - 1, start + max(1, budget))  # targets start + 1 .. end
         context_only = end < first_target
-        view = ChunkView(cache, [0], [start], end - start)
+        view = ChunkView(cache, [0], [start], [_before(ids, start)], end - start)
         logits = self._forward([ids[start:end]], view, last_only=context_only)[0]
         self._score_caches[job_id] = (cache, end)
         if context_only:
@@ -289,3 +306,8 @@ class Decoder:
 
     def finish_score(self, job_id: int) -> None:
         self._score_caches.pop(job_id, None)
+
+
+def _before(tokens: Sequence[int], position: int) -> int:
+    """The character before ``position`` of ``tokens``, -1 at position 0."""
+    return tokens[position - 1] if position else -1

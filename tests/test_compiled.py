@@ -27,7 +27,7 @@ VOCAB = tuple("abcdefghijklm")
 LEARNED = GPTConfig(vocab_size=13, block_size=8, n_embd=16, n_head=2, n_layer=2)
 WINDOWED = GPTConfig(
     vocab_size=13, block_size=12, n_embd=16, n_head=2, n_layer=2, position="rope",
-    attention_window=5, norm="rmsnorm", activation="relu2", qk_norm=True,
+    attention_window=5, norm="rmsnorm", activation="relu2", qk_norm=True, bigram_embedding=True,
 )  # fmt: skip
 CONFIGS = pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned", "windowed"])
 SLOTS = 4  # buckets 1 and 4: a batch of 2 or 3 runs padded

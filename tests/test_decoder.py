@@ -3,6 +3,7 @@ to the block, or one banded forward over the whole text), for both kinds of mode
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -21,6 +22,16 @@ WINDOWED = GPTConfig(
     attention_window=5, norm="rmsnorm", activation="relu2", qk_norm=True, bias=False,
     tie_embeddings=True, logit_softcap=15.0,
 )  # fmt: skip
+# Each with and without the bigram embedding, which reads the character before each new one.
+CONFIGS = pytest.mark.parametrize(
+    "config",
+    [
+        LEARNED,
+        WINDOWED,
+        *(dataclasses.replace(c, bigram_embedding=True) for c in (LEARNED, WINDOWED)),
+    ],
+    ids=["learned", "windowed", "learned-bigram", "windowed-bigram"],
+)
 _ids = itertools.count()
 
 
@@ -62,7 +73,7 @@ def close(got: torch.Tensor, m: GPT, tokens: list[int]) -> None:
     torch.testing.assert_close(got, reference_logits(m, tokens), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned", "windowed"])
+@CONFIGS
 def test_prefill_then_decode_equals_the_reference_far_past_the_window(config: GPTConfig) -> None:
     m = sharp_model(config)
     decoder = Decoder(m, slots=4)
@@ -89,7 +100,7 @@ def test_prefill_then_decode_equals_the_reference_far_past_the_window(config: GP
             seqs.pop(1)
 
 
-@pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned", "windowed"])
+@CONFIGS
 def test_prompts_prefilled_together_equal_the_reference(config: GPTConfig) -> None:
     """Chunks of equal length from different slots and starts share one forward."""
     m = sharp_model(config)
@@ -142,7 +153,7 @@ def test_slots_stay_compact() -> None:
     assert sorted(decoder.slot_of.values()) == [0, 1]
 
 
-@pytest.mark.parametrize("config", [LEARNED, WINDOWED], ids=["learned", "windowed"])
+@CONFIGS
 @pytest.mark.parametrize("budget", [1, 7, 1000])
 def test_score_equals_the_reference_per_position(config: GPTConfig, budget: int) -> None:
     m = sharp_model(config)

@@ -27,9 +27,11 @@ OPTIONS = {
     "no_bias": {"bias": False},
     "softcap": {"logit_softcap": 2.0},
     "window": {"position": "rope", "attention_window": 3},
+    "bigram": {"bigram_embedding": True},
     "everything": {
         "position": "rope", "norm": "rmsnorm", "activation": "relu2", "qk_norm": True,
         "tie_embeddings": True, "bias": False, "logit_softcap": 5.0, "attention_window": 4,
+        "bigram_embedding": True,
     },
 }  # fmt: skip
 
@@ -68,6 +70,9 @@ def naive_logits(model: GPT, ids: list[int]) -> torch.Tensor:
         return torch.cat((z.real, z.imag))
 
     x = w["token_embedding.weight"][ids]
+    if c.bigram_embedding:  # row (previous, current); previous "none" (= vocab) at position 0
+        pairs = [(ids[i - 1] if i else c.vocab_size) * c.vocab_size + ids[i] for i in range(T)]
+        x = x + w["bigram_embedding.weight"][pairs]
     if c.position == "learned":
         x = x + w["position_embedding.weight"][:T]
     for layer in range(c.n_layer):
@@ -123,9 +128,9 @@ def test_a_windowed_model_reads_texts_longer_than_its_block() -> None:
     torch.testing.assert_close(logits[0], naive_logits(model, ids.tolist()), rtol=1e-4, atol=1e-4)
     # reference_logits reads the whole text (no crop): the last row of the banded forward.
     torch.testing.assert_close(reference_logits(model, ids.tolist()), logits[0, -1])
-    # Each layer looks W - 1 back, so a character more than n_layer * (W - 1) before the
-    # last has no influence on it, and one inside that reach does.
-    reach = config.n_layer * (config.attention_window - 1)
+    # Each layer looks W - 1 back (and the bigram embedding one more), so a character
+    # further than that before the last has no influence on it, and one inside that reach does.
+    reach = config.n_layer * (config.attention_window - 1) + config.bigram_embedding
     for back, matters in ((reach + 1, False), (reach, True)):
         changed = ids.clone()
         changed[-1 - back] = (changed[-1 - back] + 1) % 11

@@ -108,7 +108,13 @@ def test_schedules_end_where_they_should(schedule: str) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"tie_embeddings": True}, {"bias": False, "norm": "rmsnorm"}, {"position": "rope"}],
+    [
+        {},
+        {"tie_embeddings": True},
+        {"bias": False, "norm": "rmsnorm"},
+        {"position": "rope"},
+        {"bigram_embedding": True},
+    ],
     ids=lambda o: ",".join(o) or "lecture",
 )
 def test_muon_and_adamw_hold_every_parameter_exactly_once(options: dict[str, Any]) -> None:
@@ -212,7 +218,8 @@ def test_resume_with_muon_is_exact(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     muon = ["--optimizer=muon", "--muon-learning-rate=0.05", "--muon-weight-decay=0.5",
-            "--muon-ns-steps=3", "--lr-schedule=wsd", "--max-iters=8"]  # fmt: skip
+            "--muon-ns-steps=3", "--lr-schedule=wsd", "--max-iters=8",
+            "--bigram-embedding"]  # fmt: skip
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_tiny(capsys, small_text_file, straight, *muon)
     sigterm_after_step(monkeypatch, 3)

@@ -55,6 +55,7 @@ def train_quietly(
         {"bias": False},
         {"logit_softcap": 10.0},
         {"position": "rope", "attention_window": 8},  # block_size 16: two windows a sequence
+        {"bigram_embedding": True},
     ],
     ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()),
 )

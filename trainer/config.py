@@ -99,6 +99,7 @@ class TrainConfig:
     bias: bool = setting_from(GPTConfig, "bias")
     logit_softcap: float = setting_from(GPTConfig, "logit_softcap")
     attention_window: int = setting_from(GPTConfig, "attention_window")
+    bigram_embedding: bool = setting_from(GPTConfig, "bigram_embedding")
     # Optimisation.
     grad_accum_steps: int = setting(
         1,

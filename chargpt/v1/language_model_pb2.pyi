@@ -193,7 +193,7 @@ class ModelInfo(_message.Message):
     def __init__(self, vocabulary: _Optional[str] = ..., vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_head: _Optional[int] = ..., n_embd: _Optional[int] = ..., architecture: _Optional[str] = ..., parameters: _Optional[int] = ..., step: _Optional[int] = ..., val_loss: _Optional[float] = ..., train_loss: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., run_name: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., created: _Optional[str] = ..., loaded_at_unix: _Optional[float] = ..., options: _Optional[_Union[ModelOptions, _Mapping]] = ..., context_characters: _Optional[int] = ...) -> None: ...
 
 class ModelOptions(_message.Message):
-    __slots__ = ("position", "norm", "activation", "qk_norm", "tie_embeddings", "bias", "logit_softcap", "attention_window", "dropout")
+    __slots__ = ("position", "norm", "activation", "qk_norm", "tie_embeddings", "bias", "logit_softcap", "attention_window", "dropout", "bigram_embedding")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     NORM_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class ModelOptions(_message.Message):
     LOGIT_SOFTCAP_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_WINDOW_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    BIGRAM_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     position: str
     norm: str
     activation: str
@@ -212,4 +213,5 @@ class ModelOptions(_message.Message):
     logit_softcap: float
     attention_window: int
     dropout: float
-    def __init__(self, position: _Optional[str] = ..., norm: _Optional[str] = ..., activation: _Optional[str] = ..., qk_norm: _Optional[bool] = ..., tie_embeddings: _Optional[bool] = ..., bias: _Optional[bool] = ..., logit_softcap: _Optional[float] = ..., attention_window: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
+    bigram_embedding: bool
+    def __init__(self, position: _Optional[str] = ..., norm: _Optional[str] = ..., activation: _Optional[str] = ..., qk_norm: _Optional[bool] = ..., tie_embeddings: _Optional[bool] = ..., bias: _Optional[bool] = ..., logit_softcap: _Optional[float] = ..., attention_window: _Optional[int] = ..., dropout: _Optional[float] = ..., bigram_embedding: _Optional[bool] = ...) -> None: ...
